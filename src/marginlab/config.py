@@ -1,0 +1,124 @@
+"""Profiles, devices, seeds and cache locations.
+
+The profile decides how much work a chapter does: ``quick`` (CPU, minutes,
+small subsets) or ``full`` (GPU, the papers' settings). It is read from
+``MARGINLAB_PROFILE``; without it, ``full`` when CUDA is available, else
+``quick``.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+PROFILES = ("quick", "full")
+T = TypeVar("T")
+
+
+def profile() -> str:
+    """The active profile: ``$MARGINLAB_PROFILE`` or a default from the hardware."""
+    name = os.environ.get("MARGINLAB_PROFILE", "").strip().lower()
+    if not name:
+        return "full" if torch.cuda.is_available() else "quick"
+    if name not in PROFILES:
+        raise ValueError(
+            f"MARGINLAB_PROFILE={name!r} is not a profile; choose one of {PROFILES}."
+        )
+    return name
+
+
+def pick(quick: T, full: T) -> T:
+    """Return ``quick`` or ``full`` according to the active profile."""
+    return full if profile() == "full" else quick
+
+
+def device(name: str | torch.device | None = None) -> torch.device:
+    """The compute device: ``name`` if given, else ``$MARGINLAB_DEVICE``, else CUDA if present, else CPU."""
+    if name is not None:
+        return torch.device(name)
+    env = os.environ.get("MARGINLAB_DEVICE")
+    if env:
+        return torch.device(env)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA); return a CPU generator seeded the same way."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _user_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "marginlab"
+
+
+def data_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where datasets live: ``root``, else ``$MARGINLAB_DATA``, else ``~/.cache/marginlab/data``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("MARGINLAB_DATA")
+    return Path(env) if env else _user_cache_root() / "data"
+
+
+def cache_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where trained models are cached: ``root``, else ``$MARGINLAB_CACHE``, else ``~/.cache/marginlab/models``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("MARGINLAB_CACHE")
+    return Path(env) if env else _user_cache_root() / "models"
+
+
+def results_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where chapter results are written: ``root``, else ``$MARGINLAB_RESULTS``, else ``<repo>/results``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("MARGINLAB_RESULTS")
+    if env:
+        return Path(env)
+    return project_root() / "results"
+
+
+def project_root() -> Path:
+    """The book's root: the nearest parent of the working directory holding ``_toc.yml``, else the CWD."""
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "_toc.yml").is_file():
+            return candidate
+    return here
+
+
+def describe() -> dict[str, Any]:
+    """A short provenance record of the runtime (for results files)."""
+    dev = device()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "profile": profile(),
+        "device": str(dev),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
