@@ -58,6 +58,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import config
 
@@ -286,7 +287,7 @@ def _numpy_global(module: str, name: str) -> Any:
     if module == "numpy" and name in ("ndarray", "dtype"):
         return getattr(np, name)
     if module.startswith("numpy") and name.endswith("DType"):  # numpy 2 dtype classes
-        return getattr(np.dtypes, name)
+        return getattr(getattr(np, "dtypes", None), name, None)
     return None
 
 
@@ -396,9 +397,7 @@ def _transfer(url: str, part: Path, desc: str, progress: bool | None, timeout: f
                     response.close()
                     part.unlink()
                     return _transfer(url, part, desc, progress, timeout)
-            total = (int(length) if length is not None else None)
-            from tqdm.auto import tqdm
-
+            total = int(length) if length is not None else None
             written = 0
             with open(part, "ab" if resumed else "wb") as f, tqdm(
                 total=None if total is None else total + (offset if resumed else 0),
@@ -444,13 +443,8 @@ def _download(name: str, mirrors: Sequence[str], dest: Path, md5: str, *, progre
                     f"The partial file was deleted; nothing was extracted. Retry, or use another mirror "
                     f"(MARGINLAB_MIRROR)."
                 )
-    kept = f" A partial file {part} was kept; the next attempt resumes it." if part.is_file() else ""
-    raise DownloadError(
-        f"could not download {dest.name} for {name} into {dest.parent}.\n  tried: "
-        + "\n  tried: ".join(failures)
-        + f"\nIf offline, fetch it elsewhere (`python -m marginlab.data fetch {name} --root DIR`) and point "
-        f"MARGINLAB_DATA at DIR (MARGINLAB_DATA is {os.environ.get('MARGINLAB_DATA')!r}).{kept}"
-    )
+    kept = f"\n  a partial file {part} was kept; the next attempt resumes it." if part.is_file() else ""
+    raise DownloadError("\n  tried " + "\n  tried ".join(failures) + kept)
 
 
 def _safe_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
@@ -491,24 +485,34 @@ def _ensure(name: str, base: Path, *, progress: bool | None = None) -> Path:
     if not missing:
         return folder
     resources = RESOURCES[name]
-    if not layout.archive:
-        wanted = {f for f in missing}
-        for mirrors, filename, md5 in resources:
-            if filename in wanted:
-                _download(name, mirrors, folder / filename, md5, progress=progress)
+    try:
+        if not layout.archive:
+            for mirrors, filename, md5 in resources:
+                if filename in missing:
+                    _download(name, mirrors, folder / filename, md5, progress=progress)
+            return folder
+        if folder.exists():
+            raise ValueError(
+                f"{folder} exists but lacks {', '.join(missing)}; remove the folder to download {name} again."
+            )
+        (mirrors, filename, md5), = resources
+        archive = base / filename
+        base.mkdir(parents=True, exist_ok=True)
+        # a previously downloaded archive is reused only if it passes the checksum
+        if not (archive.is_file() and _md5(archive) == _expected_md5(filename, md5)):
+            _download(name, mirrors, archive, md5, progress=progress)
+        _extract(archive, base, layout.folder, required)
         return folder
-    if folder.exists():
-        raise ValueError(
-            f"{folder} exists but lacks {', '.join(missing)}; remove the folder to download {name} again."
-        )
-    (mirrors, filename, md5), = resources
-    archive = base / filename
-    base.mkdir(parents=True, exist_ok=True)
-    # a previously downloaded archive is reused only if it passes the checksum
-    if not (archive.is_file() and _md5(archive) == _expected_md5(filename, md5)):
-        _download(name, mirrors, archive, md5, progress=progress)
-    _extract(archive, base, layout.folder, required)
-    return folder
+    except ChecksumError:
+        raise
+    except DownloadError as e:
+        # one message for the whole dataset: what is missing, where from, how to fix it offline
+        raise DownloadError(
+            f"{name}: missing {', '.join(missing)} in {folder}, and the download failed:{e}\n"
+            f"If this machine is offline, run `python -m marginlab.data fetch {name} --root DIR` where there is "
+            f"internet, copy DIR here and set MARGINLAB_DATA=DIR (now MARGINLAB_DATA="
+            f"{os.environ.get('MARGINLAB_DATA')!r}, data root {base})."
+        ) from e
 
 
 # --------------------------------------------------------------------------- subsets and labels
@@ -645,7 +649,8 @@ def affine_subspace_data(
     subspace's directions, ``v`` a unit vector orthogonal to it (so the subspace is at distance
     ``offset`` from the origin) and ``z ~ N(0, scale^2 I)`` except along a random unit direction
     ``u`` of the subspace, where the coordinate is ``y * (gap / 2 + |N(0, scale^2)|)``: the classes
-    are separated inside the subspace with margin at least ``gap / 2`` (hyperplane ``u^T z = 0``).
+    are separated with margin at least ``gap / 2`` by the hyperplane through the origin with normal
+    ``U u`` (it contains the normal direction ``v``, so no bias is needed).
     First ``ceil(n/2)`` rows are class +1. Returns ``X`` float64 (n, dim), ``y`` int64 in {-1, +1},
     and ``U``. The point of the subspace closest to the origin is ``X[0] - U @ (U.T @ X[0])``.
     """
