@@ -1,14 +1,6 @@
-"""The book builds with Sphinx warnings (and broken references) as errors.
-
-By default the chapters are not executed here: ``pytest --nbval-lax`` already executes every
-chapter, and executing them twice would double CI time. Set ``MARGINLAB_BOOK_EXECUTE=1`` to build
-with execution (``execute_notebooks: cache``) as the published book is built.
-"""
+"""The book builds with Sphinx warnings (and broken references) as errors (fixture in conftest)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,23 +9,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory) -> Path:
-    if shutil.which("jupyter-book") is None:
-        pytest.skip("jupyter-book is not installed (pip install -e '.[dev]')")
-    out = tmp_path_factory.mktemp("book")
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    if os.environ.get("MARGINLAB_BOOK_EXECUTE") != "1":
-        config["execute"]["execute_notebooks"] = "off"
-    config_path = out / "_config.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    cmd = ["jupyter-book", "build", str(ROOT), "--path-output", str(out), "--config", str(config_path),
-           "-W", "-n", "--keep-going"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"book build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
-    return out / "_build" / "html"
 
 
 def test_every_page_is_rendered(built_book: Path):
