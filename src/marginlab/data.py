@@ -411,7 +411,7 @@ def _transfer(url: str, part: Path, desc: str, progress: bool | None, timeout: f
             if total is not None and written != total:
                 raise _Interrupted(f"connection closed after {written} of {total} bytes")
             return resumed
-    except (OSError, http.client.HTTPException):
+    except BaseException:  # also Ctrl-C: a partial file stays only if it can be resumed
         if part.is_file() and (not resumable or part.stat().st_size == 0):
             part.unlink()
         raise
@@ -426,7 +426,7 @@ def _download(name: str, mirrors: Sequence[str], dest: Path, md5: str, *, progre
     urls = _urls(name, mirrors, dest.name)
     failures: list[str] = []
     for url in urls:
-        for attempt in range(2):  # a resumed file that fails the checksum gets one clean retry
+        for _ in range(2):  # a resumed file that fails the checksum gets one clean retry
             try:
                 resumed = _transfer(url, part, dest.name, progress, timeout)
             except (OSError, http.client.HTTPException) as e:
@@ -485,6 +485,8 @@ def _ensure(name: str, base: Path, *, progress: bool | None = None) -> Path:
     if not missing:
         return folder
     resources = RESOURCES[name]
+    # folders this call creates are removed again if the download fails (nothing half-made is left)
+    created = [d for d in (folder, *folder.parents) if not d.exists()]
     try:
         if not layout.archive:
             for mirrors, filename, md5 in resources:
@@ -503,9 +505,16 @@ def _ensure(name: str, base: Path, *, progress: bool | None = None) -> Path:
             _download(name, mirrors, archive, md5, progress=progress)
         _extract(archive, base, layout.folder, required)
         return folder
-    except ChecksumError:
-        raise
-    except DownloadError as e:
+    except BaseException as e:
+        for d in created:  # deepest first; only empty ones (a resumable .part keeps its folder)
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        if isinstance(e, ChecksumError) or not isinstance(e, DownloadError):
+            raise
         # one message for the whole dataset: what is missing, where from, how to fix it offline
         raise DownloadError(
             f"{name}: missing {', '.join(missing)} in {folder}, and the download failed:{e}\n"
