@@ -55,7 +55,8 @@ def _init_weights(module: nn.Module, activation: str = "relu") -> None:
                 nn.init.kaiming_normal_(m.weight, a=0.01 if nonlin == "leaky_relu" else 0.0,
                                         mode="fan_in", nonlinearity=nonlin)
             else:
-                nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("tanh" if activation == "tanh" else "linear"))
+                gain = nn.init.calculate_gain("tanh" if activation == "tanh" else "linear")
+                nn.init.xavier_normal_(m.weight, gain=gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -275,7 +276,9 @@ class LinearModel(Net):
 
 
 class _TwoLogitHead(nn.Module):
-    """h ↦ [0, score_head(h)]: the head of :class:`BinaryLogits` (not registered: parameters live in the score model)."""
+    """h ↦ [0, score_head(h)]: the head of :class:`BinaryLogits`.
+
+    The score head is stored unregistered: its parameters belong to the score model only."""
 
     def __init__(self, score_head: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()

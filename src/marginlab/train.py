@@ -1,0 +1,736 @@
+"""One trainer for every chapter: :func:`fit`, plus batched :func:`predict` / :func:`accuracy`.
+
+Design (DESIGN §2-3, §7):
+
+* The whole training set is moved to the device once; batches are index permutations drawn from a CPU
+  ``torch.Generator`` seeded with ``seed`` — same seed, same batches on every device; on CPU, same seed ⇒
+  bitwise-identical weights. Training runs inside ``torch.random.fork_rng`` seeded with ``seed``, so
+  dropout and random starts inside a loss are reproducible too, and the caller's global RNG is untouched.
+* ``fit`` does **not** re-initialise the model: seed before constructing it. The cache key includes the
+  initial weights, so two differently initialised models never share a cache entry.
+* No per-step host synchronisation: loss sums and correct counts live in device tensors and are read
+  once per epoch.
+* Labels: integer tensors. Binary labels may be {0, 1} or {-1, +1}; for cross-entropy (the default loss)
+  and for accuracies, -1 ↦ class 0 and +1 ↦ class 1 (the :class:`~marginlab.models.BinaryLogits`
+  convention); a custom ``loss_fn`` receives the labels unchanged. One-score models (output (N,) or
+  (N, 1)) predict class 1 ⇔ score > 0.
+* Cache: ``cache="tag"`` stores the trained state dict and the history under
+  ``config.cache_dir()/<key>.pt`` (atomic write; loaded with ``weights_only=True``); see :func:`cache_key`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import numbers
+import os
+import sys
+import tempfile
+import time
+import types
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import config
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SAMPLERS = ("shuffle", "balanced")
+_CACHE_FORMAT = 1
+
+__all__ = [
+    "History", "fit", "predict", "accuracy", "cache_key", "cache_path", "eval_mode", "class_indices",
+    "OPTIMIZERS", "SAMPLERS",
+]
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
+Callback = Callable[[int, nn.Module], "dict[str, Any] | None"]
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+@dataclass
+class History:
+    """Per-epoch records of a :func:`fit` run.
+
+    ``rows[0]`` is epoch 0 (before training: only the callbacks' values); ``rows[e]`` holds
+    ``epoch``, ``loss`` (mean training loss over the epoch's batches), ``train_acc`` (accuracy of the
+    batches' logits as they were trained on, NaN when the loss does not expose logits), ``lr``, ``steps``
+    (optimiser steps so far), ``train_err`` (exact, eval mode; only with ``until_zero_error``) and the
+    callbacks' values. ``meta`` holds ``cached`` (loaded from the cache), ``key``, ``seconds``, ``stopped``.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def column(self, name: str, default: Any = math.nan) -> list[Any]:
+        """The values of ``name`` over the rows (``default`` where a row lacks it, so it aligns with ``epoch``)."""
+        if not any(name in r for r in self.rows):
+            raise KeyError(f"no history column {name!r}; columns: {self.columns}")
+        return [r.get(name, default) for r in self.rows]
+
+    @property
+    def columns(self) -> list[str]:
+        names: list[str] = []
+        for r in self.rows:
+            names += [k for k in r if k not in names]
+        return names
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The final row (after the last epoch trained)."""
+        if not self.rows:
+            raise IndexError("empty history")
+        return self.rows[-1]
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.meta.get("cached", False))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+    def __repr__(self) -> str:
+        last = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (self.rows[-1] if self.rows else {}).items()
+                if isinstance(v, (int, float, str))}
+        return f"History({len(self.rows)} rows, cached={self.cached}, last={last})"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode and restore every submodule's own train/eval flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return config.device()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def _as_x(x: Any) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+    return x
+
+
+def _as_y(y: Any, n: int | None = None) -> torch.Tensor:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(np.ascontiguousarray(y))
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor or numpy array, got {type(y).__name__}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ValueError(
+            f"labels must be an integer tensor (class indices, or ±1 for binary problems), got dtype {y.dtype}; "
+            "convert with y.long() if they are whole numbers"
+        )
+    if y.dim() != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {tuple(y.shape)}")
+    if n is not None and y.shape[0] != n:
+        raise ValueError(f"x and y have different lengths: {n} inputs but {y.shape[0]} labels")
+    return y.long()
+
+
+def class_indices(y: torch.Tensor) -> torch.Tensor:
+    """Labels as class indices: {-1, +1} ↦ {0, 1}; non-negative labels unchanged. Raises on other negatives."""
+    y = _as_y(y)
+    if y.numel() and int(y.min()) < 0:
+        bad = set(torch.unique(y).tolist()) - {-1, 1}
+        if bad:
+            raise ValueError(f"negative labels are only allowed as binary ±1 labels; found values {sorted(bad)}")
+        return (y > 0).long()
+    return y
+
+
+def _predicted_class(out: torch.Tensor) -> torch.Tensor:
+    """Argmax of K ≥ 2 logits; for one score (N,) / (N, 1): class 1 ⇔ score > 0."""
+    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+        return (out.reshape(-1) > 0).long()
+    if out.dim() != 2:
+        raise ValueError(f"model output must be (N,), (N, 1) or (N, K) logits, got shape {tuple(out.shape)}")
+    return out.argmax(1)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+            device: str | torch.device | None = None) -> torch.Tensor:
+    """Model outputs (logits) for ``x``, batched, in eval mode under ``no_grad``; returned on the CPU.
+
+    ``device`` defaults to the device of the model's parameters (the model is not moved)."""
+    x = _as_x(x)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = _model_device(model, device)
+    dtype = _model_dtype(model)
+    outs = []
+    with eval_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(dev, dtype=dtype, non_blocking=True)
+            outs.append(model(xb).cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             device: str | torch.device | None = None) -> float:
+    """Fraction of ``x`` classified as ``y`` (eval mode, batched). ±1 labels are mapped to classes {0, 1}."""
+    x = _as_x(x)
+    yi = class_indices(_as_y(y, x.shape[0]))
+    pred = _predicted_class(predict(model, x, batch_size, device))
+    return float((pred == yi).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256()
+    h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _code_fp(code: types.CodeType) -> Any:
+    consts = tuple(_code_fp(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+    return ("code", code.co_qualname if hasattr(code, "co_qualname") else code.co_name,
+            hashlib.sha256(code.co_code).hexdigest(), consts, code.co_names)
+
+
+def _fingerprint(obj: Any, _depth: int = 0, _seen: frozenset = frozenset()) -> Any:
+    """A stable, repr-able description of ``obj`` for cache keys: tensors by content hash, functions by module,
+    qualname, bytecode, defaults and closure values, ``functools.partial`` by function and arguments."""
+    if _depth > 8 or id(obj) in _seen:
+        return ("...", type(obj).__qualname__)
+    seen = _seen | {id(obj)}
+    fp = functools.partial(_fingerprint, _depth=_depth + 1, _seen=seen)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, complex)):
+        return repr(obj)
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", _tensor_digest(obj))
+    if isinstance(obj, np.ndarray):
+        return ("ndarray", str(obj.dtype), obj.shape, hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest())
+    if isinstance(obj, torch.Generator):
+        return ("generator", _tensor_digest(obj.get_state()))
+    if isinstance(obj, (np.generic, torch.dtype, torch.device)):
+        return repr(obj)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, tuple(fp(v) for v in obj))
+    if isinstance(obj, (set, frozenset)):
+        return (type(obj).__name__, tuple(sorted(repr(fp(v)) for v in obj)))
+    if isinstance(obj, dict):
+        return ("dict", tuple(sorted((repr(k), fp(v)) for k, v in obj.items())))
+    if isinstance(obj, functools.partial):
+        return ("partial", fp(obj.func), fp(obj.args), fp(obj.keywords))
+    if isinstance(obj, types.MethodType):
+        return ("method", fp(obj.__self__), fp(obj.__func__))
+    if isinstance(obj, types.FunctionType):
+        cells = tuple(fp(c.cell_contents) if _cell_filled(c) else "<empty>" for c in (obj.__closure__ or ()))
+        return ("function", obj.__module__, obj.__qualname__, _code_fp(obj.__code__), fp(obj.__defaults__),
+                fp(obj.__kwdefaults__), cells)
+    if isinstance(obj, (types.BuiltinFunctionType, types.ModuleType, type)):
+        name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
+        return (type(obj).__name__, getattr(obj, "__module__", None), name)
+    if isinstance(obj, nn.Module):
+        return ("module", _qualname(obj), repr(obj), _state_digest(obj))
+    if hasattr(obj, "__dict__"):
+        return ("object", _qualname(obj), fp(vars(obj)))
+    return ("repr", _qualname(obj), repr(obj))
+
+
+def _cell_filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _qualname(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _state_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(_tensor_digest(t).encode())
+    return h.hexdigest()
+
+
+def _is_default_ce(loss_fn: LossFn | None) -> bool:
+    if loss_fn is None:
+        return True
+    from . import losses
+
+    return loss_fn is losses.cross_entropy
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cache: str, loss_fn: LossFn | None = None,
+              optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
+              epochs: int = 10, batch_size: int = 128, sampler: str = "shuffle", seed: int = 0,
+              lr_schedule: str | Callable[[int], float] | None = None, until_zero_error: bool = False,
+              max_steps: int | None = None, callbacks: Sequence[Callback] = (),
+              device: str | torch.device | None = None, progress: bool | None = None) -> str:
+    """The sha256 cache key :func:`fit` uses for the same arguments (call it with ``fit``'s keyword arguments).
+
+    Hashes: the model's class and repr, its *current* (initial) state dict, x and y (shape, dtype, bytes),
+    every hyperparameter, the loss function (qualname, bytecode, closure values / partial arguments;
+    ``None`` ≡ ``losses.cross_entropy``), the lr schedule, the callbacks (their values go into the cached
+    history), the tag ``cache`` and a format version. Not hashed: ``device`` and ``progress`` (a model
+    trained on a GPU is reused on the CPU) and module-level globals a loss reads. Mutable objects captured by a
+    loss or callback (a counter, a list being filled) are hashed with their current contents.
+    """
+    del device, progress  # accepted so that fit's keyword arguments can be passed unchanged
+    x = _as_x(x)
+    y = _as_y(y, x.shape[0])
+    parts = {
+        "format": _CACHE_FORMAT,
+        "model": (_qualname(model), repr(model), _state_digest(model)),
+        "x": _tensor_digest(x),
+        "y": _tensor_digest(y),
+        "loss_fn": "cross_entropy[default]" if _is_default_ce(loss_fn) else _fingerprint(loss_fn),
+        "hyper": dict(optimizer=optimizer, lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
+                      epochs=int(epochs), batch_size=int(batch_size), sampler=sampler, seed=int(seed),
+                      until_zero_error=bool(until_zero_error),
+                      max_steps=None if max_steps is None else int(max_steps)),
+        "lr_schedule": _fingerprint(lr_schedule),
+        "callbacks": _fingerprint(tuple(callbacks)),
+        "tag": str(cache),
+    }
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def cache_path(key: str, root: str | os.PathLike | None = None) -> Path:
+    """Where the cache entry ``key`` lives: ``config.cache_dir()/<key>.pt``."""
+    return config.cache_dir(root) / f"{key}.pt"
+
+
+def _to_storable(value: Any) -> Any:
+    """History values in a form ``torch.load(weights_only=True)`` accepts (numpy arrays tagged for round trip)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(value))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        items = [_to_storable(v) for v in value]
+        return items if isinstance(value, list) else {"__tuple__": items}
+    if isinstance(value, dict):
+        return {str(k): _to_storable(v) for k, v in value.items()}
+    raise TypeError(f"cannot cache a history value of type {type(value).__name__}")
+
+
+def _from_storable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__ndarray__"}:
+            return value["__ndarray__"].numpy()
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_storable(v) for v in value["__tuple__"])
+        return {k: _from_storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_storable(v) for v in value]
+    return value
+
+
+def _load_cached(path: Path, key: str, model: nn.Module) -> History | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("key") != key:
+            raise ValueError("key mismatch")
+        history = History(rows=_from_storable(blob["rows"]), meta=_from_storable(blob["meta"]))
+        model.load_state_dict(blob["state_dict"])
+    except Exception as err:  # a truncated / corrupt / foreign file: retrain and overwrite it
+        warnings.warn(f"ignoring unreadable cache file {path} ({type(err).__name__}: {err}); retraining", stacklevel=3)
+        return None
+    history.meta.update(cached=True, cache_file=str(path))
+    return history
+
+
+def _save_cached(path: Path, key: str, model: nn.Module, history: History) -> None:
+    try:
+        blob = {
+            "key": key,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "rows": _to_storable(history.rows),
+            "meta": _to_storable({k: v for k, v in history.meta.items() if k != "cached"}),
+        }
+    except TypeError as err:
+        warnings.warn(f"not caching this run: {err}", stacklevel=3)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name == "adam":  # coupled L2 weight decay, as torch.optim.Adam
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+def _lr_factor(schedule: str | Callable[[int], float] | None, epoch: int, epochs: int) -> float:
+    if schedule is None:
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+    if callable(schedule):
+        return float(schedule(epoch))
+    raise ValueError(f"lr_schedule must be None, 'cosine' or a callable(epoch) -> factor, got {schedule!r}")
+
+
+def _shuffle_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    batches = list(perm.split(batch_size))
+    # a final batch of one example breaks BatchNorm in train mode; drop it (it is reshuffled next epoch)
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches.pop()
+    return batches
+
+
+def _balanced_batches(groups: Sequence[torch.Tensor], half: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Each batch: ``half`` indices of each class. An epoch is ceil(max class size / half) batches; each class's
+    indices are drawn as consecutive fresh permutations, so the larger class is seen once per epoch (its last
+    batch topped up from a new permutation) and the smaller class is cycled. ``groups`` are in ``torch.unique``
+    order of the label values. ``differential.pair_usage`` replays this function with the same generator: keep
+    ``gen`` used by the sampler only."""
+    n_batches = math.ceil(max(int(g.numel()) for g in groups) / half)
+    need = n_batches * half
+    streams = []
+    for g in groups:
+        reps = math.ceil(need / g.numel())
+        stream = torch.cat([g[torch.randperm(g.numel(), generator=gen)] for _ in range(reps)])[:need]
+        streams.append(stream.view(n_batches, half))
+    return list(torch.cat(streams, dim=1).unbind(0))
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return bool(progress)
+    if os.environ.get("CI"):
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_size, sampler, seed, max_steps,
+              callbacks, lr_schedule, cache):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not isinstance(epochs, numbers.Integral) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 0):
+        raise ValueError(f"max_steps must be None or a non-negative int, got {max_steps!r}")
+    if not all(callable(cb) for cb in callbacks):
+        raise TypeError("callbacks must be callables cb(epoch, model) -> dict")
+    if lr_schedule is not None and lr_schedule != "cosine" and not callable(lr_schedule):
+        raise ValueError(f"lr_schedule must be None, 'cosine' or a callable(epoch) -> factor, got {lr_schedule!r}")
+    if cache is not None and (not isinstance(cache, str) or not cache):
+        raise ValueError(f"cache must be None or a non-empty tag string, got {cache!r}")
+    if sampler == "balanced" and batch_size < 2:
+        raise ValueError("sampler='balanced' needs batch_size >= 2 (batch_size // 2 examples per class)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters")
+
+
+def _run_callbacks(callbacks: Sequence[Callback], epoch: int, model: nn.Module) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if not callbacks:
+        return out
+    with eval_mode(model), torch.no_grad():
+        for cb in callbacks:
+            res = cb(epoch, model)
+            if res is None:
+                continue
+            if not isinstance(res, dict):
+                raise TypeError(f"callback {getattr(cb, '__name__', cb)!r} must return a dict or None, "
+                                f"got {type(res).__name__}")
+            out.update({k: v for k, v in res.items() if k != "epoch"})
+    return out
+
+
+class _LogitTap:
+    """Captures the logits of a custom loss's single forward through ``module`` (for the training accuracy)."""
+
+    def __init__(self, module: nn.Module | None):
+        self.calls, self.out = 0, None
+        self.handle = module.register_forward_hook(self._hook) if module is not None else None
+
+    def _hook(self, _module, _inputs, output):
+        self.calls += 1
+        self.out = output.detach() if isinstance(output, torch.Tensor) else None
+
+    def reset(self) -> None:
+        self.calls, self.out = 0, None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _logit_module(model: nn.Module) -> nn.Module:
+    """The module whose output is the logits: the registered ``head`` if any (it sees the logits whether a loss
+    calls ``model(x)`` or ``model.head(model.features(x))``), else the model itself."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module) and any(head is m for m in model.modules()):
+        return head
+    return model
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn | None = None,
+        optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
+        epochs: int = 10, batch_size: int = 128, sampler: str = "shuffle", seed: int = 0,
+        device: str | torch.device | None = None, callbacks: Sequence[Callback] = (), cache: str | None = None,
+        progress: bool | None = None, lr_schedule: str | Callable[[int], float] | None = None,
+        until_zero_error: bool = False, max_steps: int | None = None) -> History:
+    """Train ``model`` in place on (x, y) by mini-batch gradient descent and return its :class:`History`.
+
+    Args:
+        loss_fn: ``loss_fn(model, xb, yb) -> scalar`` (or ``(scalar, logits)``); default: softmax cross-entropy
+            on ``model(xb)`` with ±1 labels mapped to classes {0, 1}. Custom losses get the labels unchanged.
+        optimizer: "sgd" | "momentum" (SGD, ``momentum``) | "nesterov" | "adam" | "adamw"; ``weight_decay`` is
+            passed to the optimiser (coupled L2 for sgd/momentum/nesterov/adam).
+        epochs: number of passes (the maximum with ``until_zero_error``); ``max_steps`` stops after that many
+            optimiser steps (mid-epoch; the partial epoch is recorded).
+        sampler: "shuffle" (a fresh permutation per epoch; a trailing batch of one example is dropped because it
+            breaks BatchNorm) or "balanced": exactly two label values, each batch holds ``batch_size // 2``
+            examples of each; an epoch is ceil(max class size / (batch_size // 2)) batches, the smaller class
+            cycled (fresh permutations) — for pairwise/differential losses (000 §4).
+        seed: seeds the batch order (CPU generator) and, via ``fork_rng``, dropout / randomness inside the loss.
+            It does not re-initialise the model: seed before constructing it.
+        device: where training runs (default ``config.device()``); the model is moved there and stays there.
+        callbacks: ``cb(epoch, model) -> dict`` at epoch 0 (before training) and after every epoch, with the model
+            in eval mode under ``no_grad`` (use ``torch.enable_grad()`` inside for attacks); merged into the rows.
+            Return values rather than appending to outside lists: on a cache hit callbacks are not called and the
+            cached history (with their values) is returned.
+        cache: a tag; if given, the trained weights and history are cached under :func:`cache_key` and a hit loads
+            them instead of training (``history.cached`` is True).
+        progress: tqdm bar over epochs; default on only in a terminal without ``$CI``.
+        lr_schedule: None, "cosine" (per epoch, from lr to 0) or ``f(epoch) -> factor`` (epoch = 0, 1, ... of the
+            epoch about to be trained); the row's ``lr`` is the rate used in that epoch.
+        until_zero_error: after each epoch measure the exact training error (eval mode) as ``train_err`` and stop
+            once it is 0 ("train to zero training error", 000/001/003).
+
+    The model's train/eval flags are restored at the end. Returns the :class:`History`.
+    """
+    _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_size, sampler, seed, max_steps,
+              callbacks, lr_schedule, cache)
+    epochs, batch_size, seed, lr = int(epochs), int(batch_size), int(seed), float(lr)
+    max_steps = None if max_steps is None else int(max_steps)
+    x = _as_x(x)
+    y = _as_y(y, x.shape[0])
+    default_ce = _is_default_ce(loss_fn)
+    y_idx = class_indices(y)  # validates ±1 labels; used for accuracies (and the default loss)
+    groups: list[torch.Tensor] = []
+    if sampler == "balanced":
+        values = torch.unique(y)
+        if values.numel() != 2:
+            raise ValueError(f"sampler='balanced' needs exactly two label values, found {values.tolist()}")
+        groups = [torch.nonzero(y == v).view(-1) for v in values]
+
+    dev = config.device(device)
+    key = None
+    if cache is not None:
+        key = cache_key(model, x, y, cache=cache, loss_fn=loss_fn, optimizer=optimizer, lr=lr, momentum=momentum,
+                        weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, sampler=sampler, seed=seed,
+                        lr_schedule=lr_schedule, until_zero_error=until_zero_error, max_steps=max_steps,
+                        callbacks=callbacks)
+    model.to(dev)
+    if key is not None:
+        hit = _load_cached(cache_path(key), key, model)
+        if hit is not None:
+            return hit
+
+    modes = [(m, m.training) for m in model.modules()]
+    start = time.perf_counter()
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        history = _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, momentum, weight_decay,
+                         epochs, batch_size, sampler, seed, callbacks, progress, lr_schedule, until_zero_error,
+                         max_steps)
+    for m, flag in modes:
+        m.training = flag
+    history.meta.update(seconds=round(time.perf_counter() - start, 3), key=key, cached=False, device=str(dev),
+                        cache_file=str(cache_path(key)) if key is not None else None)
+    if key is not None:
+        _save_cached(cache_path(key), key, model, history)
+    return history
+
+
+def _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, momentum, weight_decay, epochs,
+           batch_size, sampler, seed, callbacks, progress, lr_schedule, until_zero_error, max_steps) -> History:
+    dtype = _model_dtype(model)
+    xd = x.to(dev, dtype=dtype)  # resident for the whole run: batches are index gathers
+    yd = (y_idx if default_ce else y).to(dev)
+    yid = y_idx.to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
+    tap = None if default_ce else _LogitTap(_logit_module(model))
+    history = History(rows=[{"epoch": 0, **_run_callbacks(callbacks, 0, model)}])
+    steps, stopped = 0, "epochs"
+    bar = None
+    epoch_iter: Iterable[int] = range(1, epochs + 1)
+    if _progress_enabled(progress):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(epoch_iter, total=epochs, desc=f"fit {type(model).__name__}", leave=False)
+        epoch_iter = bar
+    try:
+        for epoch in epoch_iter:
+            if max_steps is not None and steps >= max_steps:
+                stopped = "max_steps"
+                break
+            lr_now = lr * _lr_factor(lr_schedule, epoch - 1, epochs)
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            model.train()
+            batches = (_balanced_batches(groups, batch_size // 2, gen) if sampler == "balanced"
+                       else _shuffle_batches(x.shape[0], batch_size, gen))
+            loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+            correct = torch.zeros((), device=dev, dtype=torch.int64)
+            seen, have_logits = 0, True
+            for idx in batches:
+                idx = idx.to(dev, non_blocking=True)
+                xb, yb = xd[idx], yd[idx]
+                logits = None
+                if default_ce:
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                else:
+                    tap.reset()
+                    out = loss_fn(model, xb, yb)
+                    if isinstance(out, (tuple, list)):
+                        loss, logits = out[0], out[1]
+                    else:
+                        loss = out
+                        if tap.calls == 1 and tap.out is not None and tap.out.shape[:1] == xb.shape[:1]:
+                            logits = tap.out
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                                     f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                n_b = int(idx.numel())
+                loss_sum += loss.detach().double() * n_b
+                if logits is not None and have_logits:
+                    correct += (_predicted_class(logits.detach()) == yid[idx]).sum()
+                else:
+                    have_logits = False
+                seen += n_b
+                if max_steps is not None and steps >= max_steps:
+                    break
+            mean_loss = float(loss_sum) / max(seen, 1)  # the one host sync of the epoch
+            row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss,
+                                   "train_acc": float(correct) / max(seen, 1) if have_logits else math.nan,
+                                   "lr": lr_now, "steps": steps}
+            if until_zero_error:
+                row["train_err"] = 1.0 - accuracy(model, xd, yid, batch_size=max(1024, batch_size), device=dev)
+            row.update(_run_callbacks(callbacks, epoch, model))
+            history.rows.append(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4g}", acc=f"{row['train_acc']:.3f}")
+            if not math.isfinite(mean_loss):
+                warnings.warn(f"training diverged at epoch {epoch} (loss {mean_loss}); stopping", stacklevel=3)
+                stopped = "diverged"
+                break
+            if until_zero_error and row["train_err"] == 0.0:
+                stopped = "zero_error"
+                break
+            if max_steps is not None and steps >= max_steps:
+                stopped = "max_steps"
+                break
+    finally:
+        if tap is not None:
+            tap.remove()
+        if bar is not None:
+            bar.close()
+    history.meta.update(steps=steps, stopped=stopped)
+    return history
