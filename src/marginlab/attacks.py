@@ -58,6 +58,8 @@ _LOSSES = ("ce", "margin")
 # Float32 slack for ball/box checks: x_adv - x is recomputed after a rounding x + delta.
 _BALL_ATOL = 1e-6
 _BALL_RTOL = 1e-5
+# PGD early stop: how often (steps) the frozen examples are dropped from the working set (one host sync each).
+_COMPACT_EVERY = 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,37 +281,54 @@ def _pgd_run(
     """One PGD trajectory from ``start``; returns (x_adv, success, objective at x_adv).
 
     Per-example early stop: an example is frozen at the first iterate that is adversarial, so the
-    attack keeps the adversarial it found (no host sync: the freeze is a mask).
+    attack keeps the adversarial it found. The freeze is a mask (no per-step host sync); every
+    ``_COMPACT_EVERY`` steps the frozen examples are dropped from the working batch (one sync).
     """
     ndim = x0.ndim
-    x_adv = start
+    out = start.clone()
+    # working set: the examples still being attacked (compacted every few steps under early stop)
+    idx = torch.arange(x0.shape[0], device=x0.device)
+    x_adv, xw, yw, tw = start, x0, y, target
     active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
 
-    def success(z: torch.Tensor) -> torch.Tensor:
+    def success(z: torch.Tensor, yy: torch.Tensor, tt: torch.Tensor | None) -> torch.Tensor:
         pred = z.argmax(dim=1)
-        if target is None or success_vs_label:
-            return pred != y
-        return pred == target
+        if tt is None or success_vs_label:
+            return pred != yy
+        return pred == tt
 
-    for _ in range(steps):
+    for it in range(steps):
         xa = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             z = model(xa)
-            obj = _objective(z, y, target, loss)
+            obj = _objective(z, yw, tw, loss)
             (grad,) = torch.autograd.grad(obj.sum(), xa)
         if norm == "linf":
             step = grad.sign_().mul_(step_size)
         else:
             gn = _flat_norm(grad, "l2").clamp_min(1e-12)
             step = grad.mul_(_bview(step_size / gn, ndim))
-        x_new = _project(x_adv + step, x0, eps, norm)
-        if early_stop:
-            active = active & ~success(z.detach())
-            x_adv = torch.where(_bview(active, ndim), x_new, x_adv)
-        else:
+        x_new = _project(x_adv + step, xw, eps, norm)
+        if not early_stop:
             x_adv = x_new
+            continue
+        active = active & ~success(z.detach(), yw, tw)
+        x_adv = torch.where(_bview(active, ndim), x_new, x_adv)
+        if (it + 1) % _COMPACT_EVERY == 0 and it + 1 < steps:
+            # one host sync every few steps: drop frozen examples from the working set
+            n_active = int(active.sum())
+            if n_active < 0.75 * active.shape[0]:
+                out[idx] = x_adv
+                keep = active.nonzero().squeeze(1)
+                idx, x_adv, xw, yw = idx[keep], x_adv[keep], xw[keep], yw[keep]
+                tw = None if tw is None else tw[keep]
+                active = active[keep]
+                if n_active == 0:
+                    break
+    out[idx] = x_adv
+    x_adv = out
     z = model(x_adv)
-    return x_adv, success(z), _objective(z, y, None if success_vs_label else target, loss)
+    return x_adv, success(z, y, target), _objective(z, y, None if success_vs_label else target, loss)
 
 
 def _pgd_restarts(
@@ -429,3 +448,519 @@ def fgsm(
     """
     return pgd(model, x, y, eps, steps=1, step_size=_check_eps(eps), norm=norm, loss=loss,
                random_start=False, restarts=1, early_stop=False, device=device)
+
+
+def _prepare(
+    model: Model, x: torch.Tensor, y: torch.Tensor, device: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
+    """Validate inputs and move them to the compute device (default: x's device)."""
+    x0, y0 = _check_inputs(x, y)
+    dev = _resolve_device(x, device)
+    _check_model_device(model, dev)
+    return x0.to(dev), y0.to(dev), dev
+
+
+# --------------------------------------------------------------------------------------------
+# multi-target PGD (002 Table 1)
+# --------------------------------------------------------------------------------------------
+
+
+def multi_target(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    norm: str = "linf",
+    step_size: float | None = None,
+    random_start: bool = True,
+    seed: int = 0,
+    loss: str = "margin",
+    num_targets: int | None = None,
+    early_stop: bool = True,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Targeted PGD toward each wrong class; per-example worst case (the multi-target attack of 002 Table 1).
+
+    Targets: every class j != y (``num_targets=None``), or the ``num_targets`` most likely wrong
+    classes under the clean logits. An example counts as fooled as soon as it is misclassified
+    (any wrong class), and stays fooled; targets are tried in decreasing clean-logit order.
+    """
+    eps = _check_eps(eps)
+    steps = _check_int(steps, "steps", 0)
+    norm, loss = _norm_name(norm), _loss_name(loss)
+    if step_size is None:
+        step_size = 2.5 * eps / steps if steps else 0.0
+    step_size = _check_eps(step_size, "step_size")
+    x0, y0, dev = _prepare(model, x, y, device)
+    with _attack_mode(model), torch.no_grad():
+        if len(x0) == 0:
+            return x.detach().clone()
+        z0 = model(x0)
+        k = _check_logits(z0, y0, len(x0))
+        n_t = k - 1 if num_targets is None else _check_int(num_targets, "num_targets", 1)
+        n_t = min(n_t, k - 1)
+        if eps == 0:
+            return x.detach().clone()
+        order = z0.scatter(1, y0[:, None], float("-inf")).argsort(dim=1, descending=True)[:, :n_t]
+        gen = torch.Generator().manual_seed(int(seed))
+        succ0 = z0.argmax(dim=1) != y0
+        best = (x0.clone(), succ0, _objective(z0, y0, None, loss))
+        for t in range(n_t):
+            best = _pgd_restarts(model, x0, y0, eps, steps, step_size, norm, loss, random_start, 1, early_stop,
+                                 order[:, t], gen, success_vs_label=True, best=best)
+    return best[0].to(x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Carlini–Wagner L2
+# --------------------------------------------------------------------------------------------
+
+
+def cw_l2(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 1000,
+    lr: float = 0.01,
+    initial_const: float = 1e-3,
+    binary_search_steps: int = 9,
+    confidence: float = 0.0,
+    abort_early: bool = True,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Carlini–Wagner L2 attack (Carlini & Wagner 2017, §V.A, their eq. for f_6 with the tanh box).
+
+    minimise ||x' - x||_2^2 + c * max(z_y - max_{j!=y} z_j + confidence, 0) over
+    x' = (tanh(w) + 1)/2 with Adam; a per-example binary search over c (x10 until a first
+    success). Returns, per example, the smallest-L2 adversarial found; examples for which none
+    was found are returned unchanged, as are inputs the model already misclassifies (distance 0).
+    ``abort_early`` stops a binary-search step when the total loss stalls (checked every steps/10).
+    """
+    steps = _check_int(steps, "steps", 0)
+    binary_search_steps = _check_int(binary_search_steps, "binary_search_steps", 1)
+    lr = _check_eps(lr, "lr")
+    initial_const = _check_eps(initial_const, "initial_const")
+    confidence = _check_eps(confidence, "confidence")
+    x0, y0, dev = _prepare(model, x, y, device)
+    with _attack_mode(model), torch.no_grad():
+        if len(x0) == 0:
+            return x.detach().clone()
+        z0 = model(x0)
+        _check_logits(z0, y0, len(x0))
+        best = x0.clone()
+        todo = (z0.argmax(dim=1) == y0).nonzero().squeeze(1)
+        if todo.numel() == 0 or steps == 0:
+            return best.to(x.device)
+        xs, ys = x0[todo], y0[todo]
+        n, ndim = xs.shape[0], xs.ndim
+        # tanh change of variables; the 0.999999 keeps atanh finite at the box's faces.
+        w0 = torch.atanh((xs * 2 - 1).clamp(-1, 1) * 0.999999)
+        lower = torch.zeros(n, device=dev)
+        upper = torch.full((n,), float("inf"), device=dev)
+        const = torch.full((n,), initial_const, device=dev)
+        best_l2 = torch.full((n,), float("inf"), device=dev)
+        best_x = xs.clone()
+        check_every = max(steps // 10, 1)
+        for bs in range(binary_search_steps):
+            if binary_search_steps >= 10 and bs == binary_search_steps - 1:
+                const = torch.where(torch.isinf(upper), const, upper)  # CW: last round at the upper bound
+            delta = torch.zeros_like(w0)
+            m = torch.zeros_like(w0)
+            v = torch.zeros_like(w0)
+            found = torch.zeros(n, dtype=torch.bool, device=dev)
+            prev = float("inf")
+            for it in range(steps):
+                wd = (w0 + delta).requires_grad_(True)
+                with torch.enable_grad():
+                    xa = (torch.tanh(wd) + 1) / 2
+                    z = model(xa)
+                    l2sq = (xa - xs).flatten(1).pow(2).sum(dim=1)
+                    gap = _margin_gap(z, ys)  # > confidence  <=>  adversarial with confidence
+                    f = (confidence - gap).clamp_min(0)
+                    total = l2sq + const * f
+                    (g,) = torch.autograd.grad(total.sum(), wd)
+                xa = xa.detach()
+                succ = gap.detach() > confidence
+                dist = l2sq.detach().sqrt()
+                improved = succ & (dist < best_l2)
+                best_l2 = torch.where(improved, dist, best_l2)
+                best_x = torch.where(_bview(improved, ndim), xa, best_x)
+                found |= succ
+                # Adam (Kingma & Ba) on the tanh-space perturbation, elementwise, so examples are independent.
+                t = it + 1
+                m.mul_(0.9).add_(g, alpha=0.1)
+                v.mul_(0.999).addcmul_(g, g, value=0.001)
+                mhat = m / (1 - 0.9**t)
+                vhat = v / (1 - 0.999**t)
+                delta = delta - lr * mhat / (vhat.sqrt() + 1e-8)
+                if abort_early and it % check_every == 0:
+                    current = float(total.detach().sum())  # one host sync per steps/10
+                    if current > prev * 0.9999:
+                        break
+                    prev = current
+            upper = torch.where(found, torch.minimum(upper, const), upper)
+            lower = torch.where(found, lower, torch.maximum(lower, const))
+            const = torch.where(torch.isinf(upper), const * 10, (lower + upper) / 2)
+        best[todo] = best_x.clamp(0, 1)
+    return best.to(x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepFool
+# --------------------------------------------------------------------------------------------
+
+
+def _sync_step(k: int) -> bool:
+    """Steps at which DeepFool checks (with one host sync) whether every example is done.
+
+    DeepFool usually converges in 2-4 steps; checking early and then every 4th step bounds the
+    wasted work to 3 steps without a sync in every iteration.
+    """
+    return k < 4 or k % 4 == 3
+
+
+def deepfool(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 50,
+    overshoot: float = 0.02,
+    norm: str = "l2",
+    candidates: int | None = 10,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Multiclass DeepFool (Moosavi-Dezfooli et al. 2016, Alg. 2; L2 and its Linf variant eq. 11-12).
+
+    At every step, among the ``candidates`` most likely classes k (clean logits), linearise
+    g_k = z_k - z_y and step to the nearest linearised boundary: distance |g_k| / ||grad g_k||_q
+    (q = 2 for L2, q = 1 for Linf); the accumulated perturbation is scaled by (1 + overshoot)
+    and the point clipped to [0, 1]. Examples already misclassified are frozen (misclassified
+    inputs are returned unchanged). The returned point may be non-adversarial if ``steps`` ran out.
+    """
+    steps = _check_int(steps, "steps", 0)
+    overshoot = _check_eps(overshoot, "overshoot")
+    norm = _norm_name(norm)
+    x0, y0, dev = _prepare(model, x, y, device)
+    with _attack_mode(model), torch.no_grad():
+        if len(x0) == 0:
+            return x.detach().clone()
+        z0 = model(x0)
+        k = _check_logits(z0, y0, len(x0))
+        nc = k if candidates is None else _check_int(candidates, "candidates", 2)
+        nc = min(nc, k)
+        others = z0.scatter(1, y0[:, None], float("-inf")).argsort(dim=1, descending=True)[:, : nc - 1]
+        n, ndim = x0.shape[0], x0.ndim
+        rows = torch.arange(n, device=dev)
+        x_adv = x0.clone()
+        p_total = torch.zeros_like(x0)
+        active = z0.argmax(dim=1) == y0
+        for it in range(steps):
+            xa = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                z = model(xa)
+                grads, gaps = [], []
+                for j in range(nc - 1):
+                    cls = others[:, j]
+                    gk = z[rows, cls] - z[rows, y0]
+                    (g,) = torch.autograd.grad(gk.sum(), xa, retain_graph=j < nc - 2)
+                    grads.append(g)
+                    gaps.append(gk.detach())
+            active = active & (z.detach().argmax(dim=1) == y0)
+            if _sync_step(it) and not bool(active.any()):
+                break
+            gaps_t = torch.stack(gaps, dim=1)  # (N, C-1), negative while correctly classified
+            grads_t = torch.stack(grads, dim=1)  # (N, C-1, ...)
+            gn = grads_t.flatten(2).abs().sum(dim=2) if norm == "linf" else grads_t.flatten(2).norm(dim=2)
+            dist = gaps_t.abs() / (gn + 1e-8)
+            best = dist.argmin(dim=1)
+            d = dist[rows, best] + 1e-4  # a hair past the linearised boundary, for numerical stability
+            g = grads_t[rows, best]
+            if norm == "linf":
+                step = _bview(d, ndim) * g.sign()
+            else:
+                step = _bview(d / (gn[rows, best] + 1e-8), ndim) * g
+            p_total = p_total + step * _bview(active, ndim)
+            x_new = (x0 + (1 + overshoot) * p_total).clamp(0, 1)
+            x_adv = torch.where(_bview(active, ndim), x_new, x_adv)
+    return x_adv.to(x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# minimal perturbations, accuracy curves
+# --------------------------------------------------------------------------------------------
+
+
+def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """Per-example ||x_adv - x|| in the given norm (float64 for stable comparisons)."""
+    norm = _norm_name(norm)
+    if x.shape != x_adv.shape:
+        raise ValueError(f"x_adv has shape {tuple(x_adv.shape)}, x has shape {tuple(x.shape)}")
+    return _flat_norm(x_adv.detach().double() - x.detach().to(x_adv.device).double(), norm)
+
+
+def in_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str = "linf") -> torch.Tensor:
+    """Per-example bool: x_adv within the eps-ball around x (float32 slack) and inside [0, 1]."""
+    eps = _check_eps(eps)
+    dist = perturbation_norms(x, x_adv, norm)
+    box = (x_adv.flatten(1) >= 0).all(dim=1) & (x_adv.flatten(1) <= 1).all(dim=1)
+    return (dist <= eps * (1 + _BALL_RTOL) + _BALL_ATOL) & box
+
+
+def assert_in_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str = "linf") -> None:
+    """Raise AssertionError (also under ``python -O``) unless every x_adv is in the ball and in [0, 1]."""
+    ok = in_ball(x, x_adv, eps, norm)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)[:5].tolist()
+        worst = float(perturbation_norms(x, x_adv, norm).max())
+        raise AssertionError(
+            f"attack output outside the {norm} ball of radius {eps} or [0, 1] for examples {bad} "
+            f"(largest distortion {worst:.6g}, range [{float(x_adv.min()):.4g}, {float(x_adv.max()):.4g}])"
+        )
+
+
+_MIN_METHODS = ("deepfool", "cw")
+
+
+def minimal_perturbation(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str = "l2",
+    methods: Sequence[str | Callable[..., torch.Tensor]] = ("deepfool", "cw"),
+    return_points: bool = False,
+    device: str | torch.device | None = None,
+    **kw: dict[str, Any],
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Smallest successful distortion per example over minimal-perturbation attacks.
+
+    ``methods``: "deepfool", "cw" (L2 only) or callables ``attack(model, x, y) -> x_adv``; options
+    per method as keyword dicts, e.g. ``cw=dict(steps=200), deepfool=dict(overshoot=0.02)``.
+    Returns float64 distances (N,) in ``norm``: 0 where the model already misclassifies x, inf
+    where no method found an adversarial. With ``return_points`` also the points (x where inf).
+    """
+    norm = _norm_name(norm)
+    names = [m for m in methods if isinstance(m, str)]
+    unknown = [m for m in names if m not in _MIN_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be non-empty, from {_MIN_METHODS} or callables; got {list(methods)}")
+    if "cw" in names and norm != "l2":
+        raise ValueError("the CW attack here is L2 only; use methods=('deepfool',) for norm='linf'")
+    bad_kw = [key for key in kw if key not in names]
+    if bad_kw:
+        raise ValueError(f"options given for methods not run: {bad_kw}")
+    x0, y0, dev = _prepare(model, x, y, device)
+    n = x0.shape[0]
+    dist = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
+    points = x0.clone()
+    with _attack_mode(model), torch.no_grad():
+        z0 = model(x0) if n else torch.zeros(0, 2, device=dev)
+        _check_logits(z0, y0, n)
+        wrong = z0.argmax(dim=1) != y0 if n else torch.zeros(0, dtype=torch.bool, device=dev)
+    dist[wrong] = 0.0
+    for method in methods:
+        if method == "deepfool":
+            xa = deepfool(model, x0, y0, norm=norm, **kw.get("deepfool", {}))
+        elif method == "cw":
+            xa = cw_l2(model, x0, y0, **kw.get("cw", {}))
+        else:
+            xa = method(model, x0, y0)
+        with _attack_mode(model), torch.no_grad():
+            fooled = model(xa).argmax(dim=1) != y0
+        d = perturbation_norms(x0, xa, norm)
+        better = fooled & (d < dist)
+        dist = torch.where(better, d, dist)
+        points = torch.where(_bview(better, x0.ndim), xa, points)
+    dist = dist.to(x.device)
+    if return_points:
+        return dist, points.to(x.device)
+    return dist
+
+
+def _accuracy(model: Model, x: torch.Tensor, y: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """Per-example correctness (bool) under eval()."""
+    with _attack_mode(model), torch.no_grad():
+        return _predict(model, x, batch_size).argmax(dim=1) == y
+
+
+def _infer_norm(attack: Any) -> str | None:
+    """The norm an attack partial was bound to (pgd/fgsm/multi_target default to Linf), else None."""
+    if isinstance(attack, functools.partial):
+        if "norm" in attack.keywords:
+            return _norm_name(attack.keywords["norm"])
+        if attack.func in (pgd, fgsm, multi_target):
+            return "linf"
+    return None
+
+
+def robust_accuracy(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack,
+    epsilons: Sequence[float],
+    batch_size: int | None = None,
+    norm: str | None = None,
+) -> list[float]:
+    """Accuracy under ``attack(model, x, y, eps) -> x_adv`` for each eps (fractions in [0, 1]).
+
+    An example counts as robust if it is classified correctly on x AND on x_adv (the per-example
+    worst case including the clean point). eps == 0 gives the clean accuracy without calling the
+    attack. Every x_adv is checked to lie in the eps-ball and [0, 1]: in ``norm`` if given or bound
+    in a ``functools.partial``, else in the Linf ball (which contains the L2 ball of equal radius).
+    """
+    x0, y0 = _check_inputs(x, y)
+    eps_list = [_check_eps(e) for e in epsilons]
+    check_norm = _norm_name(norm) if norm is not None else (_infer_norm(attack) or "linf")
+    if batch_size is not None:
+        batch_size = _check_int(batch_size, "batch_size", 1)
+    n = x0.shape[0]
+    if n == 0:
+        raise ValueError("robust_accuracy needs a non-empty batch")
+    with _attack_mode(model), torch.no_grad():
+        _check_logits(model(x0[:1]), y0, 1)
+    clean = _accuracy(model, x0, y0, batch_size)
+    out = []
+    chunk = n if batch_size is None else batch_size
+    for eps in eps_list:
+        if eps == 0:
+            out.append(float(clean.double().mean()))
+            continue
+        robust = clean.clone()
+        for i in range(0, n, chunk):
+            xb, yb = x0[i : i + chunk], y0[i : i + chunk]
+            xa = attack(model, xb, yb, eps)
+            if not isinstance(xa, torch.Tensor) or xa.shape != xb.shape:
+                raise ValueError(f"the attack must return a tensor of shape {tuple(xb.shape)}")
+            assert_in_ball(xb, xa, eps, check_norm)
+            robust[i : i + chunk] &= _accuracy(model, xa.to(xb.device), yb, batch_size)
+        out.append(float(robust.double().mean()))
+    return out
+
+
+def accuracy_at_distances(distances: torch.Tensor | Sequence[float], epsilons: Sequence[float]) -> list[float]:
+    """Fraction of examples whose minimal adversarial distance exceeds eps (distance 0 = wrong at every eps)."""
+    d = torch.as_tensor(distances, dtype=torch.float64).flatten()
+    if d.numel() == 0:
+        raise ValueError("distances is empty")
+    if bool(torch.isnan(d).any()) or bool((d < 0).any()):
+        raise ValueError("distances must be >= 0 and not NaN (inf = no adversarial found)")
+    return [float((d > _check_eps(e)).double().mean()) for e in epsilons]
+
+
+def worst_case_accuracy(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    adversarials: Sequence[torch.Tensor],
+    batch_size: int | None = None,
+) -> float:
+    """Per-example worst case over attacks (DESIGN §6): correct only if correct on x and on every x_adv."""
+    x0, y0 = _check_inputs(x, y)
+    correct = _accuracy(model, x0, y0, batch_size)
+    for xa in adversarials:
+        if not isinstance(xa, torch.Tensor) or xa.shape != x0.shape:
+            raise ValueError(f"every adversarial batch must have the shape of x, {tuple(x0.shape)}")
+        correct &= _accuracy(model, xa.detach().to(x0.device), y0, batch_size)
+    return float(correct.double().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# DESIGN §6 sanity rules
+# --------------------------------------------------------------------------------------------
+
+
+def _curve(values: Sequence[float], n: int, name: str) -> list[float]:
+    vals = [float(v) for v in values]
+    if len(vals) != n:
+        raise ValueError(f"{name} has {len(vals)} values but epsilons has {n}")
+    return vals
+
+
+def sanity_report(
+    epsilons: Sequence[float],
+    accuracies: Sequence[float],
+    *,
+    clean: float | None = None,
+    unbounded: float | None = None,
+    median_distortion: float | None = None,
+    stronger: Sequence[Sequence[float]] | None = None,
+    single_step: Sequence[float] | None = None,
+    transfer: Sequence[float] | None = None,
+    tol: float = 0.02,
+    unbounded_tol: float = 0.0,
+    label: str = "attack",
+) -> dict[str, Any]:
+    """Evaluate the DESIGN §6 rules on accuracy curves (fractions); never raises on a failed rule.
+
+    * ``monotone``: accuracy non-increasing in eps (within ``tol``);
+    * ``eps0_is_clean``: the eps=0 point equals ``clean`` (to 1e-6);
+    * ``unbounded_zero``: the unbounded attack's accuracy ``unbounded`` <= ``unbounded_tol``
+      (report ``median_distortion`` with it: it is put in the message);
+    * ``more_effort_not_higher``: each curve in ``stronger`` (more steps / restarts, same eps) is
+      <= ``accuracies`` + tol pointwise;
+    * ``iterative_beats_single_step``: ``accuracies`` <= ``single_step`` + tol pointwise;
+    * ``whitebox_beats_transfer``: ``accuracies`` <= ``transfer`` + tol pointwise.
+
+    Returns {rule: bool for each rule that could be checked, "ok": all of them, "message": str}.
+    """
+    eps = [float(e) for e in epsilons]
+    acc = _curve(accuracies, len(eps), "accuracies")
+    if not eps:
+        raise ValueError("epsilons is empty")
+    report: dict[str, Any] = {}
+    notes: list[str] = []
+    order = sorted(range(len(eps)), key=lambda i: eps[i])
+    s_acc = [acc[i] for i in order]
+    rises = [(eps[order[i + 1]], s_acc[i + 1] - s_acc[i])
+             for i in range(len(s_acc) - 1) if s_acc[i + 1] > s_acc[i] + tol]
+    report["monotone"] = not rises
+    if rises:
+        notes.append(f"accuracy rises with eps at {rises}")
+    if clean is not None:
+        zero = [acc[i] for i in range(len(eps)) if eps[i] == 0]
+        if zero:
+            report["eps0_is_clean"] = all(abs(a - float(clean)) <= 1e-6 for a in zero)  # float32 vs float64 means
+            if not report["eps0_is_clean"]:
+                notes.append(f"eps=0 accuracy {zero[0]:.4f} != clean {float(clean):.4f}")
+    if unbounded is not None:
+        report["unbounded_zero"] = float(unbounded) <= unbounded_tol
+        med = "" if median_distortion is None else f", median distortion {float(median_distortion):.4g}"
+        notes.append(f"unbounded {label}: accuracy {float(unbounded):.4f}{med}")
+    for name, curve, rule in (
+        ("more_effort_not_higher", stronger, "stronger"),
+        ("iterative_beats_single_step", [single_step] if single_step is not None else None, "single-step"),
+        ("whitebox_beats_transfer", [transfer] if transfer is not None else None, "transfer"),
+    ):
+        if curve is None:
+            continue
+        ok = True
+        for c in curve:
+            c = _curve(c, len(eps), name)
+            if rule == "stronger":  # the stronger attack must not be the higher one
+                lo, hi = c, acc
+            else:  # our white-box iterative curve must not be above the weaker attack's
+                lo, hi = acc, c
+            viol = [(eps[i], lo[i], hi[i]) for i in range(len(eps)) if lo[i] > hi[i] + tol]
+            if viol:
+                ok = False
+                notes.append(f"{name} violated at (eps, acc, reference) {viol}")
+        report[name] = ok
+    rules = [k for k in report]
+    report["ok"] = all(report[k] for k in rules)
+    head = f"{label}: §6 sanity {'OK' if report['ok'] else 'FAILED'} ({', '.join(rules)})"
+    report["message"] = "; ".join([head, *notes])
+    return report
+
+
+def check_sanity(*args: Any, strict: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """``sanity_report`` that raises AssertionError with its message when a rule fails (unless strict=False)."""
+    report = sanity_report(*args, **kwargs)
+    if strict and not report["ok"]:
+        raise AssertionError(report["message"])
+    return report
+
+
+def assert_sanity(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Raise AssertionError with details unless every checkable DESIGN §6 rule holds; returns the report."""
+    return check_sanity(*args, strict=True, **kwargs)
