@@ -9,7 +9,6 @@ numpy float64 for the linear part, torch for networks.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -90,12 +89,16 @@ def eq5_bias(w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
 
 
 def pairwise_logistic_gd(X: np.ndarray, y: np.ndarray, steps: int, lr: float,
-                         checkpoints: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+                         checkpoints: Sequence[int] = (), normalized: bool = False,
+                         ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Gradient descent from w = 0 on the mean pairwise logistic loss, 000 eq. 2 / 001 eq. 5:
     L(w) = 1/(|I||J|) Σ_i Σ_j log(1 + exp(−wᵀ(x_i − y_j))).
 
     The gradient −1/(|I||J|) Σ_ij σ(−m_ij)(x_i − y_j), m_ij = wᵀx_i − wᵀy_j, is formed from the
     |I|×|J| matrix of σ(−m_ij) and its row/column sums, never from the |I||J| difference vectors.
+    ``normalized=True`` divides each step by the loss (normalized GD, Nacson et al. 2019), which
+    converges to the same max-margin direction much faster than the theorem's fixed step (whose
+    angle to the SVM decays only like 1/log t, Soudry et al. 2018).
     Returns the final w and {step: w} at the requested checkpoints.
     """
     X, y = _check_binary(X, y)
@@ -110,8 +113,17 @@ def pairwise_logistic_gd(X: np.ndarray, y: np.ndarray, steps: int, lr: float,
         saved[0] = w.copy()
     for t in range(1, steps + 1):
         m = (P @ w)[:, None] - (N @ w)[None, :]
-        s = expit(-m)  # σ(−m); stays > 0 for large margins, which then dominate the direction
-        grad = -(s.sum(1) @ P - s.sum(0) @ N) / n_pairs
+        if normalized:
+            # step lr·∇L/L (normalized GD): both scaled by e^{min m} so that neither underflows
+            shift = m.min()
+            s = np.exp(shift - m - np.logaddexp(0.0, -m))                  # σ(−m)·e^{shift}
+            mc = np.minimum(m, 30.0)
+            log_sp = np.where(m > 30.0, -m, np.log(np.log1p(np.exp(-mc))))  # log softplus(−m)
+            loss = np.exp(log_sp + shift).sum()
+            grad = -(s.sum(1) @ P - s.sum(0) @ N) / loss
+        else:
+            s = expit(-m)  # σ(−m); stays > 0 for large margins, which then dominate the direction
+            grad = -(s.sum(1) @ P - s.sum(0) @ N) / n_pairs
         w -= lr * grad
         if t in want:
             saved[t] = w.copy()
@@ -252,3 +264,430 @@ def imbalanced_gaussians(n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndar
     X = np.r_[rng.normal([40.0, 50.0], 5.0, (n_pos, 2)), rng.normal([2.0, 12.0], 5.0, (n_neg, 2))]
     y = np.r_[np.ones(n_pos, int), -np.ones(n_neg, int)]
     return X, y
+
+
+# ============================================================================================
+# Networks: the eq. 5 bias, score models, pair usage (000 §4.2, §5)
+# ============================================================================================
+
+
+def score_model(model: nn.Module) -> nn.Module:
+    """The one-score model inside a ``BinaryLogits`` wrapper (or the model itself)."""
+    return getattr(model, "score_model", model)
+
+
+@torch.no_grad()
+def scores(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+           device: str | torch.device | None = None) -> torch.Tensor:
+    """f(x) for every input (eval mode; see ``losses.binary_scores``), on the CPU."""
+    dev = config.device(device)
+    was = model.training
+    model.eval()
+    try:
+        out = [binary_scores(model, x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _positive_mask(y: torch.Tensor) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    vals = set(torch.unique(y).tolist())
+    if not (vals <= {-1, 1} or vals <= {0, 1}) or len(vals) != 2:
+        raise ValueError(f"need binary labels of both classes in {{-1,+1}} or {{0,1}}, got {sorted(vals)}")
+    return y == 1
+
+
+@torch.no_grad()
+def set_eq5_bias(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 device: str | torch.device | None = None) -> float:
+    """Shift the score's bias (the head bias of the one-output model) by b̂ of 000 eq. 5, computed on the
+    training scores: the boundary then lies midway between min_i f(x_i) and max_j f(y_j), the paper's
+    choice after differential training (the loss is blind to the bias: it cancels in every pair).
+    Modifies ``model`` in place and returns b̂."""
+    head = score_model(model).head
+    if head.bias is None or head.out_features != 1:
+        raise ValueError("set_eq5_bias needs a one-output head with a bias (e.g. BinaryLogits(LeNet(num_classes=1)))")
+    s = scores(model, x, device=device)
+    pos = _positive_mask(y)
+    b_hat = differential_bias(s[pos], s[~pos])
+    head.bias += b_hat
+    return b_hat
+
+
+def pair_usage(y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> dict[str, list[float]]:
+    """Which of the |I|×|J| pairs differential training with ``fit(sampler="balanced", seed=seed)`` formed,
+    epoch by epoch: the trainer's balanced batch order is replayed exactly (same generator), every batch
+    contributing its (B/2)² broadcast pairs (000 §4.1 item 2: "only a few percent of |I|×|J| pairs").
+
+    Returns per epoch (0..epochs): ``evaluations`` (pair-loss terms computed / |I||J|, with repeats) and
+    ``distinct`` (fraction of distinct pairs ever formed).
+    """
+    from .train import _balanced_batches  # the trainer's own sampler: replayed, not re-implemented
+
+    y = torch.as_tensor(y)
+    if batch_size < 2 or epochs < 0:
+        raise ValueError(f"need batch_size >= 2 and epochs >= 0, got {batch_size}, {epochs}")
+    values = torch.unique(y)
+    if values.numel() != 2:
+        raise ValueError(f"need exactly two label values, got {values.tolist()}")
+    groups = [torch.nonzero(y == v).view(-1) for v in values]
+    pos_val = values.max()
+    rank = torch.full((len(y),), -1, dtype=torch.long)
+    for g in groups:
+        rank[g] = torch.arange(g.numel())
+    is_pos = y == pos_val
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+    seen = torch.zeros(n_pos, n_neg, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    half = batch_size // 2
+    evals, distinct, total = [0.0], [0.0], 0
+    for _ in range(epochs):
+        for idx in _balanced_batches(groups, half, gen):
+            p = rank[idx[is_pos[idx]]]
+            q = rank[idx[~is_pos[idx]]]
+            seen[p[:, None], q[None, :]] = True
+            total += p.numel() * q.numel()
+        evals.append(total / (n_pos * n_neg))
+        distinct.append(float(seen.float().mean()))
+    return {"evaluations": evals, "distinct": distinct}
+
+
+# ============================================================================================
+# 2-D nonlinear picture (000 §4.2, Fig. 3)
+# ============================================================================================
+
+
+def fig3_data(n_blue: int = 10, n_red: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D problem needing a nonlinear boundary: class +1 ("blue") in a thin vertical strip at the
+    centre, class −1 ("red") in two strips to its left and right — nearly low-rank along x."""
+    rng = np.random.default_rng(seed)
+    blue = np.c_[rng.uniform(-0.4, 0.4, n_blue), rng.uniform(-1.0, 1.0, n_blue)]
+    side = np.where(np.arange(n_red) % 2 == 0, -1.0, 1.0)
+    red = np.c_[side * rng.uniform(1.4, 2.2, n_red), rng.uniform(-1.0, 1.0, n_red)]
+    return np.r_[blue, red], np.r_[np.ones(n_blue, int), -np.ones(n_red, int)]
+
+
+def boundary_distances(score_fn: Callable[[np.ndarray], np.ndarray], X: np.ndarray, y: np.ndarray,
+                       lim: tuple[float, float, float, float], n: int = 801) -> np.ndarray:
+    """Signed input-space margins in 2-D: the exact (to grid interpolation) Euclidean distance from each
+    point to the zero level set of ``score_fn``, traced with marching squares on an n×n grid over ``lim``;
+    negative for misclassified points, +inf if the boundary does not cross the window."""
+    import contourpy
+
+    X, y = _check_binary(X, y)
+    if X.shape[1] != 2:
+        raise ValueError("boundary_distances is for 2-D inputs")
+    gx, gy = np.meshgrid(np.linspace(lim[0], lim[1], n), np.linspace(lim[2], lim[3], n))
+    z = np.asarray(score_fn(np.c_[gx.ravel(), gy.ravel()]), dtype=float).reshape(gx.shape)
+    lines = contourpy.contour_generator(gx, gy, z).lines(0.0)
+    if not lines:
+        return np.full(len(X), np.inf)
+    V = np.concatenate(lines)
+    # distance to the polyline segments (not just vertices)
+    A, B = np.concatenate([ln[:-1] for ln in lines]), np.concatenate([ln[1:] for ln in lines])
+    d = np.full(len(X), np.inf)
+    AB = B - A
+    L2 = np.maximum((AB * AB).sum(1), 1e-30)
+    for k, p in enumerate(X):
+        t = np.clip(((p - A) * AB).sum(1) / L2, 0.0, 1.0)
+        proj = A + t[:, None] * AB
+        d[k] = min(np.sqrt(((proj - p) ** 2).sum(1)).min(), np.sqrt(((V - p) ** 2).sum(1)).min())
+    correct = np.sign(np.asarray(score_fn(X), dtype=float)) == y
+    return np.where(correct, d, -d)
+
+
+def train_2d(loss: str, X: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 3000,
+             lr: float = 0.05, seed: int = 0, cache: str | None = None) -> nn.Module:
+    """A two-layer ReLU net (one score) trained full-batch with ``loss`` in "ce" | "eq6" | "eq7"
+    (000 Fig. 3); differential models get the eq. 5 bias. Returns BinaryLogits(score net) on the CPU."""
+    from . import losses
+    from .models import BinaryLogits, TwoLayerNet
+
+    loss_fns = {"ce": losses.cross_entropy, "eq6": losses.pairwise_logistic_loss,
+                "eq7": losses.squared_differential_loss}
+    if loss not in loss_fns:
+        raise ValueError(f"loss must be one of {sorted(loss_fns)}, got {loss!r}")
+    X, y = _check_binary(X, y)
+    torch.manual_seed(seed)
+    model = BinaryLogits(TwoLayerNet(in_dim=X.shape[1], hidden=hidden, out_dim=1))
+    xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y)
+    target = (yt > 0).long() if loss == "ce" else yt
+    # Full-batch GD in a plain loop: 20 points, thousands of steps -- the generic trainer's per-epoch
+    # bookkeeping would dominate the cost here.
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        value = loss_fns[loss](model, xt, target)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"2-D training with {loss} diverged (lr={lr})")
+        value.backward()
+        opt.step()
+    if loss != "ce":
+        set_eq5_bias(model, xt, yt, device="cpu")
+    return model.cpu().eval()
+
+
+def score_fn_np(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """numpy (M, d) -> (M,) scores of a (CPU) model, for plotting and 2-D margins."""
+    def f(P: np.ndarray) -> np.ndarray:
+        return scores(model, torch.tensor(np.asarray(P), dtype=torch.float32), device="cpu").numpy()
+    return f
+
+
+# ============================================================================================
+# CIFAR-10 airplane vs horse (000 §5, Figs. 4-5)
+# ============================================================================================
+
+
+@dataclass
+class CifarConfig:
+    """Sizes and settings of the CIFAR-10 experiment. 000 §5 states only: planes vs horses, a four-layer
+    CNN, both models trained to zero training error, PGD and CW from Foolbox. Optimiser, learning rate and
+    epochs are not given: we use Adam and stop at zero training error (``until_zero_error``)."""
+
+    n_train: int = 10_000
+    n_test: int = 2_000
+    epochs: int = 200
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    seed: int = 0
+    n_attack_train: int = 1_000       # training images attacked (Fig. 4 solid lines)
+    n_attack_test: int = 2_000        # test images attacked (Fig. 4 dashed, Fig. 5)
+    n_cw: int = 2_000
+    epsilons: tuple[float, ...] = tuple(e / 255 for e in (0, 1, 2, 4, 8, 16, 32))
+    pgd_steps: int = 100
+    pgd_restarts: int = 1
+    strong_steps: int = 1_000
+    strong_restarts: int = 10
+    unbounded_steps: int = 1_000
+    cw_steps: int = 1_000
+    cw_search: int = 9
+    deepfool_steps: int = 50
+    cw_epsilons: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def cifar_config() -> CifarConfig:
+    """The active profile's configuration (quick: the 1033/207 CIFAR subset, few steps)."""
+    return config.pick(
+        quick=CifarConfig(n_train=1_033, n_test=207, epochs=40, batch_size=64, n_attack_train=128,
+                          n_attack_test=128, n_cw=64, pgd_steps=10, strong_steps=30, strong_restarts=2,
+                          unbounded_steps=100, cw_steps=50, cw_search=4, deepfool_steps=30),
+        full=CifarConfig(),
+    )
+
+
+def load_airplane_horse(n_train: int, n_test: int, root=None) -> dict[str, torch.Tensor]:
+    """CIFAR-10 airplane (+1) vs horse (−1), the first n images of each split (000 §5)."""
+    from .data import binary_subset, load
+
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x, y = load("cifar10", split=split, root=root)
+        x, y = binary_subset(x, y, positive="airplane", negative="horse")
+        x, y = torch.as_tensor(x)[:n], torch.as_tensor(y)[:n]
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return out
+
+
+def train_cifar(kind: str, data: dict[str, torch.Tensor], cfg: CifarConfig, *,
+                device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
+    """LeNet (one score, wrapped as two logits) trained with "ce" (cross-entropy) or "eq7"
+    (squared differential loss, balanced batches); the eq7 model gets the eq. 5 bias afterwards.
+    Returns (model, history); the history's rows hold the test accuracy per epoch ("test_acc",
+    with the eq. 5 bias of that epoch for eq7)."""
+    from . import losses
+    from .models import BinaryLogits, LeNet
+    from .train import accuracy, fit
+
+    if kind not in ("ce", "eq7"):
+        raise ValueError(f"kind must be 'ce' or 'eq7', got {kind!r}")
+    dev = config.device(device)
+    xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    yte01 = (yte > 0).long()
+
+    def test_acc(epoch: int, model: nn.Module) -> dict[str, float]:
+        if kind == "ce":
+            return {"test_acc": accuracy(model, xte, yte01, device=dev)}
+        s_tr, s_te = scores(model, xtr, device=dev), scores(model, xte, device=dev)
+        pos = ytr > 0
+        b = differential_bias(s_tr[pos], s_tr[~pos])
+        return {"test_acc": float(((s_te + b > 0).long() == yte01).float().mean()),
+                "train_acc_eq5": float(((s_tr + b > 0) == pos).float().mean())}
+
+    torch.manual_seed(cfg.seed)
+    model = BinaryLogits(LeNet(in_channels=3, num_classes=1))
+    hist = fit(model, xtr, ytr, loss_fn=None if kind == "ce" else losses.squared_differential_loss,
+               optimizer=cfg.optimizer, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               sampler="shuffle" if kind == "ce" else "balanced", seed=cfg.seed, device=dev,
+               callbacks=(test_acc,), cache=f"ch04-{kind}", until_zero_error=(kind == "ce"), progress=False)
+    if kind == "eq7":
+        set_eq5_bias(model, xtr, ytr, device=dev)
+    return model.eval(), hist
+
+
+@dataclass
+class AttackSpec:
+    """One attack and all its hyperparameters (reported in the chapter's table)."""
+
+    name: str
+    fn: str                      # "pgd" | "fgsm"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        from . import attacks
+
+        if eps == 0:
+            return x.clone()
+        if self.fn == "pgd":
+            return attacks.pgd(model, x, y, eps, **self.params)
+        if self.fn == "fgsm":
+            return attacks.fgsm(model, x, y, eps, **self.params)
+        raise ValueError(f"unknown attack function {self.fn!r}")
+
+
+def attack_specs(cfg: CifarConfig) -> list[AttackSpec]:
+    """DESIGN §6: CE- and margin-loss PGD, a stronger PGD (more steps and restarts), FGSM (single-step
+    reference). step_size = 2.5·eps/steps (Madry et al. 2018)."""
+    return [
+        AttackSpec("PGD-CE", "pgd", dict(steps=cfg.pgd_steps, norm="linf", loss="ce", random_start=True,
+                                          restarts=cfg.pgd_restarts, seed=0)),
+        AttackSpec("PGD-margin", "pgd", dict(steps=cfg.pgd_steps, norm="linf", loss="margin", random_start=True,
+                                              restarts=cfg.pgd_restarts, seed=1)),
+        AttackSpec("PGD-margin-strong", "pgd", dict(steps=cfg.strong_steps, norm="linf", loss="margin",
+                                                     random_start=True, restarts=cfg.strong_restarts, seed=2)),
+        AttackSpec("FGSM", "fgsm", dict(norm="linf", loss="ce")),
+    ]
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
+    return (model(x).argmax(1) == y01).cpu()
+
+
+def robustness_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: Sequence[AttackSpec],
+                      epsilons: Sequence[float]) -> dict[str, list[float]]:
+    """Accuracy vs Linf eps under each attack and the per-example worst case over all of them (DESIGN §6)."""
+    y01 = (torch.as_tensor(y) > 0).long()
+    if any(e < 0 for e in epsilons):
+        raise ValueError("epsilons must be >= 0")
+    clean = _correct(model, x, y01)
+    curves: dict[str, list[float]] = {s.name: [] for s in specs}
+    curves["worst case"] = []
+    for eps in epsilons:
+        worst = clean.clone()
+        for s in specs:
+            ok = clean & _correct(model, s.run(model, x, y01, float(eps)), y01)
+            curves[s.name].append(float(ok.float().mean()))
+            worst &= ok
+        curves["worst case"].append(float(worst.float().mean()))
+    curves["clean"] = [float(clean.float().mean())] * len(epsilons)
+    return curves
+
+
+def unbounded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, float]:
+    """DESIGN §6: margin-loss PGD with eps = 1 (the whole [0,1] box) must reach 0% accuracy;
+    returns its accuracy and the median Linf / L2 distortion of the adversarials it found."""
+    from . import attacks
+
+    y01 = (torch.as_tensor(y) > 0).long()
+    xa = attacks.pgd(model, x, y01, 1.0, steps=steps, norm="linf", loss="margin", random_start=False,
+                     step_size=2.0 / steps, seed=3)
+    ok = _correct(model, xa, y01)
+    d = (xa - x).flatten(1)
+    fooled = ~ok
+    return {"accuracy": float(ok.float().mean()),
+            "median_linf": float(d.abs().amax(1)[fooled].median()) if fooled.any() else math.inf,
+            "median_l2": float(d.norm(dim=1)[fooled].median()) if fooled.any() else math.inf}
+
+
+def minimal_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CifarConfig) -> torch.Tensor:
+    """Per-example minimal L2 perturbation found by CW-L2 and DeepFool (the smaller of the two)."""
+    from . import attacks
+
+    y01 = (torch.as_tensor(y) > 0).long()
+    return attacks.minimal_perturbation(
+        model, x, y01, norm="l2", methods=("deepfool", "cw"),
+        cw=dict(steps=cfg.cw_steps, binary_search_steps=cfg.cw_search, lr=0.01, initial_const=1e-3),
+        deepfool=dict(steps=cfg.deepfool_steps, overshoot=0.02),
+    ).cpu()
+
+
+def attack_table(cfg: CifarConfig) -> list[dict[str, Any]]:
+    """Every attack run in the chapter with all its hyperparameters."""
+    rows = []
+    for s in attack_specs(cfg):
+        p = dict(s.params)
+        rows.append({"attack": s.name, "norm": p.pop("norm", "linf"), "loss": p.pop("loss", "ce"),
+                     "steps": p.pop("steps", 1), "step size": "2.5·eps/steps" if s.fn == "pgd" else "eps",
+                     "restarts": p.pop("restarts", 1), "random start": p.pop("random_start", False),
+                     "other": ", ".join(f"{k}={v}" for k, v in p.items()) or "-",
+                     "eps": "Linf grid", "images": f"{cfg.n_attack_train} train / {cfg.n_attack_test} test"})
+    rows.append({"attack": "PGD-unbounded", "norm": "linf", "loss": "margin", "steps": cfg.unbounded_steps,
+                 "step size": f"2/{cfg.unbounded_steps}", "restarts": 1, "random start": False, "other": "seed=3",
+                 "eps": "1.0 (whole box)", "images": f"{cfg.n_attack_test} test"})
+    rows.append({"attack": "CW-L2 (minimal)", "norm": "l2", "loss": "CW f6, confidence 0", "steps": cfg.cw_steps,
+                 "step size": "Adam lr 0.01", "restarts": 1, "random start": False,
+                 "other": f"binary search {cfg.cw_search}, initial const 1e-3", "eps": "minimal",
+                 "images": f"{cfg.n_cw} test"})
+    rows.append({"attack": "DeepFool (minimal)", "norm": "l2", "loss": "-", "steps": cfg.deepfool_steps,
+                 "step size": "-", "restarts": 1, "random start": False, "other": "overshoot 0.02",
+                 "eps": "minimal", "images": f"{cfg.n_cw} test"})
+    return rows
+
+
+def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
+    """000 §5: train CE and eq7 models, then clean accuracy, Linf robustness curves on training and
+    test images (Fig. 4), minimal L2 distances on test images (Fig. 5, CW + DeepFool), the unbounded
+    sanity attack, and the fraction of pairs used. DESIGN §6 rules are asserted."""
+    from . import attacks
+    from .train import accuracy
+
+    cfg = cfg or cifar_config()
+    dev = config.device(device)
+    data = load_airplane_horse(cfg.n_train, cfg.n_test)
+    specs = attack_specs(cfg)
+    res: dict[str, Any] = {"config": cfg, "n_train": len(data["y_train"]), "n_test": len(data["y_test"])}
+    for kind in ("ce", "eq7"):
+        model, hist = train_cifar(kind, data, cfg, device=dev)
+        model = model.to(dev)
+        r: dict[str, Any] = {"history": hist}
+        for split in ("train", "test"):
+            x, y = data[f"x_{split}"], data[f"y_{split}"]
+            r[f"{split}_acc"] = accuracy(model, x, (y > 0).long(), device=dev)
+        n_tr, n_te = min(cfg.n_attack_train, len(data["y_train"])), min(cfg.n_attack_test, len(data["y_test"]))
+        for split, n in (("train", n_tr), ("test", n_te)):
+            x, y = data[f"x_{split}"][:n].to(dev), data[f"y_{split}"][:n]
+            curves = robustness_curves(model, x, y, specs, cfg.epsilons)
+            clean = curves["clean"][0]
+            unb = unbounded_check(model, x, y, cfg.unbounded_steps)
+            for s in specs[:3]:
+                attacks.assert_sanity(cfg.epsilons, curves[s.name], clean=clean, label=f"{kind}/{split}/{s.name}",
+                                      single_step=curves["FGSM"] if s.name != "FGSM" else None)
+            attacks.assert_sanity(cfg.epsilons, curves["worst case"], clean=clean, unbounded=unb["accuracy"],
+                                  median_distortion=unb["median_linf"], stronger=[curves["PGD-margin-strong"]],
+                                  label=f"{kind}/{split}/worst case")
+            r[f"pgd_{split}"], r[f"unbounded_{split}"] = curves, unb
+        n_cw = min(cfg.n_cw, len(data["y_test"]))
+        dist = minimal_l2(model, data["x_test"][:n_cw].to(dev), data["y_test"][:n_cw], cfg)
+        r["l2_distances"] = dist.numpy()
+        r["cw_curve"] = attacks.accuracy_at_distances(dist, cfg.cw_epsilons)
+        fooled = torch.isfinite(dist) & (dist > 0)
+        r["median_l2"] = float(dist[torch.isfinite(dist)].median())  # 0 for misclassified, inf excluded
+        r["median_l2_correct"] = float(dist[fooled].median()) if fooled.any() else math.inf
+        r["cw_found_all"] = bool(torch.isfinite(dist).all())
+        res[kind] = r
+    epochs_run = len(res["eq7"]["history"].rows) - 1
+    res["pairs"] = pair_usage(data["y_train"], cfg.batch_size, epochs_run, cfg.seed)
+    return res
+
+
+def pairs_to_match(history, pairs: dict[str, list[float]], target_acc: float, tol: float = 0.01) -> float | None:
+    """Fraction of distinct pairs formed by the first epoch whose test accuracy is within ``tol`` of
+    ``target_acc`` (000 §4.1: "a few percent of |I|×|J| pairs"); None if never reached."""
+    acc = history.column("test_acc")
+    for epoch, a in enumerate(acc):
+        if epoch > 0 and a >= target_acc - tol:
+            return pairs["distinct"][epoch]
+    return None

@@ -14,6 +14,17 @@ def cross_entropy(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch
     """Mean softmax cross-entropy of the model's logits (the default training loss)."""
     return F.cross_entropy(model(xb), yb)
 
+
+def binary_logistic(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """Mean logistic loss log(1 + exp(-y s(x))) of a one-score model s (output (B,) or (B, 1)), labels y = ±1
+    (001 eq. 1, 003 §4). Equals :func:`cross_entropy` on ``BinaryLogits(model)`` with labels mapped -1 -> 0."""
+    s = model(xb)
+    if s.dim() == 2 and s.shape[1] == 1:
+        s = s[:, 0]
+    if s.dim() != 1:
+        raise ValueError(f"binary_logistic needs one score per example, got model output {tuple(s.shape)}")
+    return F.softplus(-yb.to(s.dtype) * s).mean()
+
 # ---- end section: cross-entropy --------------------------------------------------------------
 
 # ---- section: differential training (chapter 4) ---------------------------------------------
@@ -280,6 +291,7 @@ def amr_loss(lam: float = 0.1, tau: float = 5.0, beta: float = 1e-3, normalize: 
 
     def loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         logits = model(xb)
+        margin = feature_margins(logits, yb)  # validates the labels before anything else
         ce = F.cross_entropy(logits, yb)
         if normalize:
             w = model.head.weight
@@ -288,8 +300,6 @@ def amr_loss(lam: float = 0.1, tau: float = 5.0, beta: float = 1e-3, normalize: 
             norms = (diff.pow(2).sum(dim=2) + 1e-12).sqrt()     # smooth at w_y − w_y = 0
             ratio = (dist / norms).scatter(1, yb[:, None], float("inf"))
             margin = ratio.min(dim=1).values
-        else:
-            margin = feature_margins(logits, yb)
         reg = -lam * torch.clamp(margin, max=tau).mean()
         if beta > 0:
             reg = reg + beta * orthogonality_penalty(model)
