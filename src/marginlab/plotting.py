@@ -140,15 +140,15 @@ def confidence_map(ax, w, b, lim, X=None, y=None, *, n=200, title=None):
 # ---- section: chapter 3 ----------------------------------------------------------------------
 
 
-def singular_value_ratios(ax, traces: dict, *, k: int = 2, floor: float = 1e-17, title=None):
-    """σ_k/σ_1 of the feature matrix against the training step, one curve per labelled
-    :class:`marginlab.lowrank.SpectrumTrace` (log scale; exact zeros drawn at ``floor``)."""
+def singular_value_ratios(ax, traces: dict, *, k: int = 2, floor: float = 1e-17, yscale: str = "log", title=None):
+    """σ_k/σ_1 of the feature matrix against the training step (log axis), one curve per labelled
+    :class:`marginlab.lowrank.SpectrumTrace`; on a log ``yscale`` exact zeros are drawn at ``floor``."""
     for label, tr in traces.items():
         steps = np.asarray(tr.steps, dtype=float)
-        r = np.maximum(tr.ratio(k), floor)
+        r = np.maximum(tr.ratio(k), floor) if yscale == "log" else tr.ratio(k)
         ax.plot(np.maximum(steps, 0.5), r, marker=".", ms=3, label=label)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_yscale(yscale)
     ax.set_xlabel("gradient step (step 0 drawn at 0.5)")
     ax.set_ylabel(f"σ{k} / σ1 of the features")
     ax.grid(alpha=0.3, which="both")
