@@ -21,6 +21,7 @@ Two parts:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -191,26 +192,41 @@ def feature_rank_dynamics(
         return phi, F.cross_entropy(logits, y), (logits.argmax(1) != y).double().mean()
 
     rec_steps, svals, losses, errors = [], [], [], []
-    for t in range(steps + 1):
-        phi, value, err = forward()
-        if t in when:
-            rec_steps.append(t)
-            svals.append(torch.linalg.svdvals(phi.detach()).numpy())
-            losses.append(float(value))
-            errors.append(float(err))
-        if t == steps:
-            break
-        opt.zero_grad()
-        value.backward()
-        opt.step()
+    with _one_thread():
+        for t in range(steps + 1):
+            phi, value, err = forward()
+            if t in when:
+                rec_steps.append(t)
+                svals.append(torch.linalg.svdvals(phi.detach()).numpy())
+                losses.append(float(value.detach()))
+                errors.append(float(err))
+            if t == steps:
+                break
+            opt.zero_grad()
+            value.backward()
+            opt.step()
     settings = dict(width=width, features=features, activation=activation, loss=loss, init=init,
                     init_scale=init_scale, optimizer=optimizer, lr=lr, momentum=momentum, steps=steps,
                     train_h=train_h, seed=seed, n=n, d=d, num_classes=num_classes)
     return SpectrumTrace(np.asarray(rec_steps), np.stack(svals), np.asarray(losses), np.asarray(errors), settings)
 
 
+@contextmanager
+def _one_thread():
+    """Run on one intra-op thread and restore the caller's count: for small problems extra threads only add
+    synchronisation, which costs 10-50x when the CPU is shared (measured: 44 s vs 1 s for 1000 steps of
+    :func:`feature_rank_dynamics` at load 13 on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def max_excess_ratio(trace: SpectrumTrace, rank: int) -> float:
-    """max over recorded steps of σ_{rank+1}/σ_1: ≈ 0 (machine precision) iff rank{φ(x_i)} ≤ ``rank`` throughout."""
+    """Max over the recorded steps of σ_{rank+1}/σ_1: ≈ 0 (machine precision) iff rank{φ(x_i)} ≤ ``rank``
+    at every recorded step."""
     return float(trace.ratio(rank + 1).max()) if len(trace.steps) else 0.0
 
 
@@ -260,56 +276,18 @@ def log_steps(steps: int, points: int = 60) -> list[int]:
 LEVELS = (0.9, 0.99, 0.999)
 
 
-def _as_matrix(F_: torch.Tensor | np.ndarray) -> np.ndarray:
-    Fm = F_.detach().cpu().numpy() if hasattr(F_, "detach") else np.asarray(F_)
-    if Fm.ndim != 2 or len(Fm) < 2:
-        raise ValueError(f"features must be a 2-D (n >= 2, p) matrix, got shape {Fm.shape}")
-    if not np.isfinite(Fm).all():
-        raise ValueError("features contain NaN or inf")
-    return Fm.astype(np.float64)
-
-
-def _explained_variance(Fm: np.ndarray) -> np.ndarray:
-    """Cumulative PCA explained-variance ratio (centred features), length p."""
-    s = np.linalg.svd(Fm - Fm.mean(0), compute_uv=False)
-    var = s**2
-    total = var.sum()
-    cum = np.cumsum(var) / total if total > 0 else np.ones_like(var)
-    out = np.ones(Fm.shape[1])
-    out[: cum.size] = np.minimum(cum, 1.0)
-    return out
-
-
-def _components_for(cum: np.ndarray, level: float) -> int:
-    # tolerance so that a level reached up to round-off counts as reached
-    return int(np.searchsorted(cum, level - 1e-12) + 1)
-
-
-def _effective_rank(Fm: np.ndarray) -> float:
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the centred features."""
-    s = np.linalg.svd(Fm - Fm.mean(0), compute_uv=False)
-    if s.sum() <= 0:
-        return 0.0
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
 def spectrum(F_: torch.Tensor | np.ndarray, levels: Sequence[float] = LEVELS) -> dict[str, Any]:
-    """PCA spectrum of a feature matrix (n, p): cumulative explained variance, components for each level,
-    effective rank (000 Fig. 2; 001 Fig. 3). Uses ``marginlab.features`` when it is importable."""
-    Fm = _as_matrix(F_)
-    try:
-        from . import features as mf
+    """PCA spectrum of a feature matrix (n, p): cumulative explained variance, components for each level and
+    effective rank, via ``marginlab.features`` (000 Fig. 2; 001 Fig. 3; Roy & Vetterli 2007)."""
+    from . import features as mf
 
-        cum = np.asarray(mf.explained_variance(Fm), dtype=float)
-        comps = {lv: int(mf.components_for(cum, lv)) for lv in levels}
-        erank = float(mf.effective_rank(Fm))
-    except (ImportError, AttributeError):  # toolkit not there yet: same definitions, private copy
-        cum = _explained_variance(Fm)
-        comps = {lv: _components_for(cum, lv) for lv in levels}
-        erank = _effective_rank(Fm)
-    return {"cumulative": cum, "components": comps, "effective_rank": erank, "dim": Fm.shape[1]}
+    cum = np.asarray(mf.explained_variance(F_), dtype=float)
+    return {
+        "cumulative": cum,
+        "components": {lv: mf.components_for(cum, lv) for lv in levels},
+        "effective_rank": mf.effective_rank(F_),
+        "dim": int(F_.shape[1]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +295,8 @@ def spectrum(F_: torch.Tensor | np.ndarray, levels: Sequence[float] = LEVELS) ->
 # ---------------------------------------------------------------------------------------------
 
 # 000 and 001 give no optimiser hyper-parameters (lr, momentum, batch size, epochs); these are
-# conventional choices for a LeNet on CIFAR-10, stated in the chapter. Every run trains to zero
-# training error ("until_zero_error") within ``epochs``.
+# conventional choices for a LeNet on CIFAR-10 (SGD lr 0.01 with momentum 0.9; Adam's default 1e-3; plain
+# SGD needs a larger step), stated in the chapter, which trains each to zero training error.
 VARIANTS: dict[str, dict[str, Any]] = {
     "SGD + momentum": dict(batchnorm=False, optimizer="momentum", lr=0.01, momentum=0.9),
     "Adam": dict(batchnorm=False, optimizer="adam", lr=1e-3),
@@ -326,54 +304,92 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def binary_cifar(split: str = "train", n: int | None = None, root=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 airplane (class index 0) vs horse (class index 1), as in 000 §5 / 001 §5.
-
-    Returns images in [0,1] and labels as class indices {0, 1} for 2-logit
-    cross-entropy (horse = 1, the ``+1`` class of ``binary_subset``).
-    ``n``: keep the first n images (None = all).
-    """
+def binary_cifar(split: str = "train", root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 airplane vs horse (000 §3 and §5; 001 §5): images in [0,1], labels as class indices
+    {0 = airplane, 1 = horse} for the 2-logit soft-max head of 001 Fig. 3 (horse is the +1 class of
+    ``binary_subset``)."""
     from . import data
 
     x, y = data.load("cifar10", split=split, root=root)
-    x, y = data.binary_subset(x, y, positive=7, negative=0)  # horse = +1, airplane = −1
-    y = torch.as_tensor(y)
-    y01 = (y > 0).long()
-    if n is not None:
-        x, y01 = x[:n], y01[:n]
-    return x, y01
+    x, y_pm = data.binary_subset(x, y, positive="horse", negative="airplane")
+    return x, data.to_class_index(y_pm)
 
 
-@torch.no_grad()
-def penultimate(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device=None) -> torch.Tensor:
-    """The model's penultimate features ``model.features(x)`` in eval mode, float64 on the CPU."""
-    dev = config.device(device)
-    was = model.training
-    model.eval()
-    try:
-        out = [model.features(x[i : i + batch_size].to(dev)).double().cpu() for i in range(0, len(x), batch_size)]
-    finally:
-        model.train(was)
-    return torch.cat(out)
+def train_variant(name: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int = 128,
+                  seed: int = 0, callbacks: Sequence[Callable] = (), cache: str | None = None,
+                  device=None, settings: dict[str, Any] | None = None, until_zero_error: bool = False):
+    """A fresh He-initialised :class:`~marginlab.models.LeNet` (seeded by ``seed``) trained on cross-entropy
+    with the optimiser of ``VARIANTS[name]`` (or ``settings``) for ``epochs`` epochs, or until zero
+    training error with ``until_zero_error``. Returns ``(model, history)``."""
+    from .models import LeNet
+    from .train import fit
+
+    if settings is None:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose one of {tuple(VARIANTS)}")
+        settings = VARIANTS[name]
+    opts = dict(settings)
+    bn = opts.pop("batchnorm", False)
+    config.seed_everything(seed)
+    model = LeNet(in_channels=x.shape[1], num_classes=2, batchnorm=bn)
+    # On a CPU a LeNet's small convolutions gain little from a second intra-op thread and lose 10-20x when
+    # the cores are shared (measured: 0.28 s vs 5.7 s per epoch at load 3 on 2 cores), so train on one.
+    single = config.device(device).type == "cpu"
+    with _one_thread() if single else nullcontext():
+        hist = fit(model, x, y, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
+                   cache=cache, device=device, until_zero_error=until_zero_error, **opts)
+    return model, hist
 
 
-def rank_callback(sets: dict[str, torch.Tensor], level: float = 0.99, device=None) -> Callable[[int, nn.Module], dict]:
-    """A ``fit`` callback: effective rank and components for ``level`` of the penultimate features of each
-    named input set (e.g. ``{"train": x_train, "test": x_test}``) after every epoch."""
+def penultimate(model: nn.Module, x: torch.Tensor, device=None) -> torch.Tensor:
+    """The 84-d penultimate features ``model.features(x)`` (eval mode, no grad) as float64 on the CPU."""
+    from .features import extract_features
 
-    def cb(epoch: int, model: nn.Module) -> dict[str, float]:
-        row = {}
-        for name, x in sets.items():
-            sp = spectrum(penultimate(model, x, device=device), levels=(level,))
-            row[f"{name}_eff_rank"] = sp["effective_rank"]
-            row[f"{name}_comp{int(round(level * 1000)) / 10:g}"] = sp["components"][level]
+    return extract_features(model, x, device=device).double()
+
+
+def rank_callback(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], level: float = 0.99,
+                  device=None) -> Callable[[int, nn.Module], dict]:
+    """A ``fit`` callback for the penultimate features of each named labelled set, e.g.
+    ``{"train": (x, y), "test": (xt, yt)}``, after every epoch: ``<name>_head_err`` (error of the model's
+    own head on these features, eval mode), ``<name>_eff_rank``, ``<name>_components`` (for ``level``) and
+    ``<name>_cumulative`` (the explained-variance curve, a list). All-zero variance (dead ReLUs) gives NaN."""
+
+    def rank_of_features(epoch: int, model: nn.Module) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for name, (x, y) in sets.items():
+            Fm = penultimate(model, x, device=device)
+            logits = model.head(Fm.to(next(model.head.parameters())).to(next(model.head.parameters()).device))
+            row[f"{name}_head_err"] = float((logits.argmax(1).cpu() != torch.as_tensor(y)).double().mean())
+            try:
+                sp = spectrum(Fm, levels=(level,))
+                row[f"{name}_eff_rank"], row[f"{name}_components"] = sp["effective_rank"], sp["components"][level]
+                row[f"{name}_cumulative"] = [float(c) for c in sp["cumulative"]]
+            except ValueError:  # zero variance: rank undefined
+                row[f"{name}_eff_rank"] = row[f"{name}_components"] = math.nan
+                row[f"{name}_cumulative"] = None
         return row
 
-    return cb
+    return rank_of_features
+
+
+def first_zero_error_epoch(history, name: str = "train") -> int | None:
+    """The first epoch whose ``<name>_head_err`` (from :func:`rank_callback`) is 0, or None."""
+    for row in history.rows:
+        if row.get(f"{name}_head_err") == 0.0:
+            return int(row["epoch"])
+    return None
+
+
+def active_units(F_: torch.Tensor | np.ndarray) -> int:
+    """Number of feature coordinates that are non-zero on at least one input (a ReLU unit that is zero on
+    every input is dead: it caps the rank of the features)."""
+    Fm = torch.as_tensor(np.asarray(F_) if not isinstance(F_, torch.Tensor) else F_)
+    return int((Fm.abs().sum(0) > 0).sum())
 
 
 def head_direction(head: nn.Linear) -> tuple[np.ndarray, float]:
-    """The binary score of a 2-logit head, s(φ) = (w₁ − w₀)·φ + (b₁ − b₀) (positive ⇔ class 1);
+    """The binary score of a 2-logit head, s(φ) = (w₁ − w₀)·φ + (b₁ − b₀) (s > 0 ⇔ class 1);
     a 1-output head is its own score."""
     Wt = head.weight.detach().double().cpu().numpy()
     bt = head.bias.detach().double().cpu().numpy() if head.bias is not None else np.zeros(len(Wt))
@@ -384,38 +400,37 @@ def head_direction(head: nn.Linear) -> tuple[np.ndarray, float]:
     raise ValueError(f"head_direction needs a binary head (1 or 2 outputs), got {Wt.shape[0]}")
 
 
-def _linear_margins(w: np.ndarray, b: float, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return y * (X @ w + b) / np.linalg.norm(w)
-
-
 def head_vs_svm_margin(model: nn.Module, x: torch.Tensor, y01: torch.Tensor, device=None) -> dict[str, Any]:
     """Margin of the trained head on its own frozen penultimate features vs the hard-margin SVM on them.
 
     Both are Euclidean distances in the 84-d feature space: the head's
-    ``min_i y_i s(φ_i)/‖w₁ − w₀‖`` and the SVM's (``marginlab.linear.svm``, with
-    bias). Their ratio is scale-free and ≤ 1 whenever the head separates the
-    features (the SVM margin is the largest; asserted). Also: the angle between
-    the two normals, and both margins divided by the RMS distance of the
-    features to their mean (to compare networks whose features differ in scale).
+    ``min_i y_i s(φ_i)/‖w₁ − w₀‖`` and the SVM's (``marginlab.linear.svm``, with a
+    free bias). Their ratio is scale-free and ≤ 1 whenever the head separates the
+    features (the SVM margin is the largest possible: asserted). Also returned:
+    the angle between the two normals, the mean margins, and the margins divided
+    by the RMS distance of the features to their mean (``*_rel``), to compare
+    networks whose features have different scales.
     """
     from . import linear
 
     Fm = penultimate(model, x, device=device).numpy()
     ys = 2.0 * torch.as_tensor(y01).double().numpy() - 1.0
     w_h, b_h = head_direction(model.head)
-    m_head = float(_linear_margins(w_h, b_h, Fm, ys).min())
-    out: dict[str, Any] = {"head_margin": m_head, "separable_by_head": m_head > 0,
-                           "feature_scale": float(np.sqrt(((Fm - Fm.mean(0)) ** 2).sum(1).mean()))}
-    out["svm_margin"] = out["ratio"] = out["angle_deg"] = None
-    if m_head <= 0:
-        return out  # the head errs on some training point; the SVM may not exist either
+    m_h = linear.margins(w_h, b_h, Fm, ys)
+    scale = float(np.sqrt(((Fm - Fm.mean(0)) ** 2).sum(1).mean()))
+    out: dict[str, Any] = {"head_margin": float(m_h.min()), "head_mean_margin": float(m_h.mean()),
+                           "feature_scale": scale, "svm_margin": None, "svm_mean_margin": None,
+                           "ratio": None, "angle_deg": None, "head_margin_rel": float(m_h.min()) / scale,
+                           "svm_margin_rel": None, "separable": None}
+    out["separable"] = linear.is_separable(Fm, ys, bias=True)
+    if not out["separable"]:
+        return out  # no SVM exists on these features
     w_s, b_s = linear.svm(Fm, ys, bias=True)
-    w_s, b_s = np.asarray(w_s, dtype=float), float(b_s)
-    m_svm = float(linear.margin(w_s, b_s, Fm, ys))
-    cos = float(w_h @ w_s / (np.linalg.norm(w_h) * np.linalg.norm(w_s)))
-    out.update(svm_margin=m_svm, ratio=m_head / m_svm, angle_deg=math.degrees(math.acos(max(-1.0, min(1.0, cos)))))
-    # The SVM maximises the margin: a larger head margin would mean a solver failure.
-    assert m_head <= m_svm * (1 + 1e-4) + 1e-8, f"head margin {m_head} exceeds SVM margin {m_svm}"
-    out["head_margin_rel"] = m_head / out["feature_scale"]
-    out["svm_margin_rel"] = m_svm / out["feature_scale"]
+    m_s = linear.margins(w_s, b_s, Fm, ys)
+    # the SVM maximises the minimum margin: a larger head margin could only be a solver failure
+    assert m_h.min() <= m_s.min() * (1 + 1e-4) + 1e-9, f"head margin {m_h.min()} > SVM margin {m_s.min()}"
+    out.update(svm_margin=float(m_s.min()), svm_mean_margin=float(m_s.mean()),
+               angle_deg=linear.angle(w_h, w_s), svm_margin_rel=float(m_s.min()) / scale)
+    if m_h.min() > 0:  # a ratio of margins only when the head separates the features too
+        out["ratio"] = float(m_h.min() / m_s.min())
     return out
