@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from marginlab import config
 from torch import nn
 
 from marginlab import avgmargin as am
@@ -38,7 +40,7 @@ def test_amr_loss_matches_direct_formula(tau, beta):
     m = _Lin(6, 4).double()
     X = torch.randn(32, 6, dtype=torch.float64) * 2
     y = torch.randint(0, 4, (32,))
-    got = float(losses.amr_loss(lam=0.1, tau=tau, beta=beta)(m, X, y))
+    got = float(losses.amr_loss(lam=0.1, tau=tau, beta=beta)(m, X, y).detach())
     W, b = m.head.weight.detach().numpy(), m.head.bias.detach().numpy()
     want = _amr_reference(W, b, X.numpy(), y.numpy(), 0.1, tau, beta)
     assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
@@ -61,11 +63,11 @@ def test_truncation_stops_the_margin_gradient():
         differs = not torch.allclose(g, m.head.weight.grad)
         assert differs == expect_extra
     # the truncated value is −λτ on top of the cross-entropy
-    val = float(losses.amr_loss(lam=0.1, tau=5.0, beta=0.0)(m, X, y) - ce_only(m, X, y))
+    val = float((losses.amr_loss(lam=0.1, tau=5.0, beta=0.0)(m, X, y) - ce_only(m, X, y)).detach())
     assert val == pytest.approx(-0.5)
     # misclassified points (negative margins) are never truncated
     Xw = torch.tensor([[-1.0, 0.0]], dtype=torch.float64)
-    val = float(losses.amr_loss(lam=0.1, tau=5.0, beta=0.0)(m, Xw, y) - ce_only(m, Xw, y))
+    val = float((losses.amr_loss(lam=0.1, tau=5.0, beta=0.0)(m, Xw, y) - ce_only(m, Xw, y)).detach())
     assert val == pytest.approx(2.0)
 
 
@@ -75,9 +77,9 @@ def test_amr_normalized_uses_feature_distance():
         m.head.weight.copy_(torch.eye(3, dtype=torch.float64) * 2)
     X = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
     y = torch.tensor([0])
-    plain = float(losses.amr_loss(lam=1.0, tau=100, beta=0.0)(m, X, y))
-    norm = float(losses.amr_loss(lam=1.0, tau=100, beta=0.0, normalize=True)(m, X, y))
-    ce = float(losses.amr_loss(lam=0.0, tau=100, beta=0.0)(m, X, y))
+    plain = float(losses.amr_loss(lam=1.0, tau=100, beta=0.0)(m, X, y).detach())
+    norm = float(losses.amr_loss(lam=1.0, tau=100, beta=0.0, normalize=True)(m, X, y).detach())
+    ce = float(losses.amr_loss(lam=0.0, tau=100, beta=0.0)(m, X, y).detach())
     assert ce - plain == pytest.approx(2.0)              # z0 − z1 = 2
     assert ce - norm == pytest.approx(2.0 / np.sqrt(8))  # divided by ‖w0 − w1‖ = 2√2
 
@@ -89,20 +91,20 @@ def test_parseval_penalty_zero_for_orthogonal(shape):
     lin = nn.Linear(shape[1], shape[0]).double()
     with torch.no_grad():
         lin.weight.copy_(q if shape[0] >= shape[1] else q.T)
-    assert float(losses.orthogonality_penalty(lin)) == pytest.approx(0.0, abs=1e-20)
+    assert float(losses.orthogonality_penalty(lin).detach()) == pytest.approx(0.0, abs=1e-20)
     with torch.no_grad():
         lin.weight.mul_(1.1)
-    assert float(losses.orthogonality_penalty(lin)) > 1e-3
+    assert float(losses.orthogonality_penalty(lin).detach()) > 1e-3
 
 
 def test_parseval_penalty_conv_and_retraction():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 5))
-    before = float(losses.orthogonality_penalty(net))
+    before = float(losses.orthogonality_penalty(net).detach())
     assert before > 0
     for _ in range(50):
         losses.parseval_retract(net, beta=0.1)
-    after = float(losses.orthogonality_penalty(net))
+    after = float(losses.orthogonality_penalty(net).detach())
     assert after < 1e-3 * before  # the retraction converges to a Parseval-tight frame
     with pytest.raises(ValueError):
         losses.orthogonality_penalty(nn.ReLU())
@@ -112,7 +114,7 @@ def test_parseval_penalty_conv_and_retraction():
     yb = torch.randint(0, 5, (4,))
     val = losses.parseval_loss(beta=0.5)(net, x, yb)
     ce = nn.functional.cross_entropy(net(x), yb)
-    assert float(val) == pytest.approx(float(ce + 0.5 * losses.orthogonality_penalty(net)), rel=1e-6)
+    assert float(val.detach()) == pytest.approx(float((ce + 0.5 * losses.orthogonality_penalty(net)).detach()), rel=1e-6)
 
 
 def test_loss_errors():
@@ -204,3 +206,17 @@ def test_lipschitz_bound_is_exact_for_linear_model():
     est = am.estimate_margins(model, x, y, r=50.0, n_samples=4, upper=False)
     np.testing.assert_allclose(est["lower"], est["exact"], rtol=1e-4, atol=1e-6)
     assert am.summarize(np.array([1.0, np.inf, -2.0])) == (-2.0, -0.5)
+
+
+def test_cpu_threads_restores_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with config.cpu_threads(1, "cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), config.cpu_threads(1, "cpu"):
+            raise RuntimeError("restored even on error")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -117,6 +117,71 @@ def test_lipschitz_bound_exact_on_linear_model():
     assert torch.equal(bound, again)
 
 
+def _reference_lipschitz(model, x, y, r, n_samples, seed, norm="l2"):
+    """Per-point, per-class reference of 003 Thm 2's estimate on the same samples (one point, one class at a time)."""
+    out = []
+    with torch.no_grad():
+        z0 = model(x)
+    for i in range(len(x)):
+        c = int(z0[i].argmax())
+        pts = margins._point_samples(x[i].reshape(-1), r, n_samples, norm, seed, i)
+        assert torch.equal(pts[0], x[i].reshape(-1))  # the centre is one of the samples
+        best = np.inf
+        for j in range(z0.shape[1]):
+            if j == c:
+                continue
+            lip = 0.0
+            for p in pts:
+                p = p.view(1, *x.shape[1:]).clone().requires_grad_(True)
+                z = model(p)
+                (g,) = torch.autograd.grad(z[0, c] - z[0, j], p)
+                g = g.flatten().double()
+                lip = max(lip, float(g.abs().sum() if norm == "linf" else g.norm()))
+            gap = float(z0[i, c] - z0[i, j])
+            if lip > 0:
+                best = min(best, gap / lip)
+        m = min(best, r)
+        out.append(m if c == int(y[i]) else -m)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_lipschitz_bound_batched_equals_per_point_reference(norm):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.rand(7, 3, 2, 2)
+    y = torch.randint(0, 4, (7,))
+    ref = _reference_lipschitz(model, x, y, r=0.5, n_samples=10, seed=5, norm=norm)
+    # packed points (3 per batch, the last batch short), one point per batch, and chunked samples (n > batch)
+    for bs in (30, 10, 4, 1024):
+        got = margins.lipschitz_lower_bound(model, x, y, r=0.5, n_samples=10, batch_size=bs, seed=5, norm=norm)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lipschitz_bound_deterministic_and_batch_independent():
+    """A point's samples depend on (seed, its index, n_samples) only: the same seed gives the same numbers,
+    whatever the batching (up to float summation order) and whichever other points are in the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
+    x, y = torch.rand(9, 20), torch.randint(0, 3, (9,))
+    kw = dict(r=2.0, n_samples=300)  # > one sample block, so chunks straddle blocks for odd batch sizes
+    a = margins.lipschitz_lower_bound(model, x, y, batch_size=1024, seed=1, **kw)
+    assert torch.equal(a, margins.lipschitz_lower_bound(model, x, y, batch_size=1024, seed=1, **kw))
+    for bs in (7, 100, 256, 5000):
+        torch.testing.assert_close(margins.lipschitz_lower_bound(model, x, y, batch_size=bs, seed=1, **kw), a,
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(margins.lipschitz_lower_bound(model, x[:4], y[:4], seed=1, **kw), a[:4],
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a, margins.lipschitz_lower_bound(model, x, y, seed=2, **kw))
+    # samples lie in the ball, uniformly enough that their mean radius is near d/(d+1) r
+    pts = margins._point_samples(x[0], 2.0, 2000, "l2", 1, 0)
+    radii = (pts - x[0]).norm(dim=1)
+    assert pts.shape == (2000, 20) and float(radii.max()) <= 2.0 + 1e-6
+    assert float(radii[1:].mean()) == pytest.approx(2.0 * 20 / 21, rel=0.02)
+    assert torch.equal(pts[300:700], margins._point_samples(x[0], 2.0, 2000, "l2", 1, 0, 300, 700))
+    assert len(margins.lipschitz_lower_bound(model, x[:0], y[:0], **kw)) == 0
+
+
 def test_lipschitz_bound_below_attack_distance_on_nonlinear_net():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

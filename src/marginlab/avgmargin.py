@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -331,8 +331,9 @@ def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: di
 
     kw = dict(optimizer="nesterov", lr=0.01, momentum=0.9, batch_size=128)
     kw.update(fit_kw)
-    hist = train.fit(model, x, y, epochs=epochs, callbacks=(margins_cb,), cache=cache, seed=seed, device=device,
-                     progress=False, **kw)
+    with config.cpu_threads(1, config.device(device)):
+        hist = train.fit(model, x, y, epochs=epochs, callbacks=(margins_cb,), cache=cache, seed=seed, device=device,
+                         progress=False, **kw)
     rows = [row for row in hist.rows if row["epoch"] in wanted]
     out: dict[str, dict[str, list[np.ndarray]]] = {}
     for which in points:
@@ -433,9 +434,10 @@ def compare_training(kind: str, dataset: str, x: torch.Tensor, y: torch.Tensor, 
     rows = {}
     for name, loss_fn in training_methods(tau).items():
         model = make_model(kind, dataset, seed=seed)
-        hist = train.fit(model, x, y, loss_fn=loss_fn, epochs=epochs, seed=seed, device=device, progress=False,
-                         cache=None if cache is None else f"{cache}-{name}", **kw)
-        res = evaluate_robustness(model, x_test, y_test, epsilons=epsilons, seed=seed, device=device, **eval_kw)
+        with config.cpu_threads(1, config.device(device)):
+            hist = train.fit(model, x, y, loss_fn=loss_fn, epochs=epochs, seed=seed, device=device, progress=False,
+                             cache=None if cache is None else f"{cache}-{name}", **kw)
+            res = evaluate_robustness(model, x_test, y_test, epsilons=epsilons, seed=seed, device=device, **eval_kw)
         res["train_seconds"] = float(hist.meta.get("seconds", 0.0))
         res["cached"] = bool(hist.meta.get("cached", False))
         res["model"] = model

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +58,25 @@ def seed_everything(seed: int) -> torch.Generator:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def cpu_threads(n: int = 1, device: str | torch.device | None = None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads, then restore the caller's count.
+
+    For the book's small models a second thread mostly adds synchronisation, which costs
+    many times the work on a shared CPU; results agree up to float summation order. On a
+    CUDA ``device`` this does nothing.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _user_cache_root() -> Path:

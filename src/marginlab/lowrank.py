@@ -21,7 +21,7 @@ Two parts:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -192,7 +192,7 @@ def feature_rank_dynamics(
         return phi, F.cross_entropy(logits, y), (logits.argmax(1) != y).double().mean()
 
     rec_steps, svals, losses, errors = [], [], [], []
-    with _one_thread():
+    with config.cpu_threads(1):
         for t in range(steps + 1):
             phi, value, err = forward()
             if t in when:
@@ -209,19 +209,6 @@ def feature_rank_dynamics(
                     init_scale=init_scale, optimizer=optimizer, lr=lr, momentum=momentum, steps=steps,
                     train_h=train_h, seed=seed, n=n, d=d, num_classes=num_classes)
     return SpectrumTrace(np.asarray(rec_steps), np.stack(svals), np.asarray(losses), np.asarray(errors), settings)
-
-
-@contextmanager
-def _one_thread():
-    """Run on one intra-op thread and restore the caller's count: for small problems extra threads only add
-    synchronisation, which costs 10-50x when the CPU is shared (measured: 44 s vs 1 s for 1000 steps of
-    :func:`feature_rank_dynamics` at load 13 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def max_excess_ratio(trace: SpectrumTrace, rank: int) -> float:
@@ -335,7 +322,7 @@ def train_variant(name: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, b
     # On a CPU a LeNet's small convolutions gain little from a second intra-op thread and lose 10-20x when
     # the cores are shared (measured: 0.28 s vs 5.7 s per epoch at load 3 on 2 cores), so train on one.
     single = config.device(device).type == "cpu"
-    with _one_thread() if single else nullcontext():
+    with config.cpu_threads(1) if single else nullcontext():
         hist = fit(model, x, y, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
                    cache=cache, device=device, until_zero_error=until_zero_error, **opts)
     return model, hist

@@ -138,6 +138,48 @@ def _ball_samples(x: torch.Tensor, r: float, n: int, norm: str, gen: torch.Gener
     return x.reshape(1, -1) + delta.to(device=x.device, dtype=x.dtype)
 
 
+#: Samples of one point are drawn in blocks of this many, each block from its own generator seeded by
+#: (seed, point index, block index): a point's samples do not depend on batch_size or on the other points.
+_SAMPLE_BLOCK = 256
+
+
+def _block_generator(seed: int, i: int, block: int) -> torch.Generator:
+    state = np.random.SeedSequence([int(seed) % 2**64, int(i), int(block)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def _point_samples(
+    x: torch.Tensor, r: float, n_samples: int, norm: str, seed: int, i: int, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """Samples ``start:stop`` of the ``n_samples`` ball samples of point ``i`` (x flattened, shape (d,));
+    sample 0 is the centre x itself. Deterministic in (seed, i, n_samples), whatever the batching."""
+    stop = n_samples if stop is None else stop
+    parts = []
+    for blk in range(start // _SAMPLE_BLOCK, (stop - 1) // _SAMPLE_BLOCK + 1):
+        lo = blk * _SAMPLE_BLOCK
+        pts = _ball_samples(x, r, min(_SAMPLE_BLOCK, n_samples - lo), norm, _block_generator(seed, i, blk))
+        if blk == 0:
+            pts[0] = x.reshape(-1)  # the centre is always one of the samples
+        parts.append(pts[max(start - lo, 0) : stop - lo])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _gap_gradient_norms(model: Model, pts: torch.Tensor, c: torch.Tensor, k: int, norm: str) -> torch.Tensor:
+    """(rows, K) dual norms of ∇(f_c - f_j) at every row of ``pts`` for every class j (row-wise c):
+    one forward and K backward passes over the whole batch (row j = c is 0)."""
+    pts = pts.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(pts)
+        onehot = torch.nn.functional.one_hot(c, k).to(z.dtype)
+        cols = []
+        for j in range(k):
+            go = onehot.clone()
+            go[:, j] -= 1.0  # d/dz of sum_rows (z_c - z_j)
+            (g,) = torch.autograd.grad(z, pts, grad_outputs=go, retain_graph=j < k - 1)
+            cols.append(_dual_norm(g.flatten(1).double(), norm))
+    return torch.stack(cols, dim=1)
+
+
 def lipschitz_lower_bound(
     model: Model,
     x: torch.Tensor,
@@ -156,6 +198,10 @@ def lipschitz_lower_bound(
     is estimated by the largest gradient norm over ``n_samples`` points drawn uniformly in the ball
     (x itself included), so the bound is an estimate, exact for a linear model. The result is
     signed like the margin: positive if ŷ = y, negative if not (003 §2). float32 tensor (N,) on x's device.
+
+    Batched: up to ``batch_size`` sample rows per forward pass, several points' samples packed together
+    (``batch_size // n_samples`` points) or one point's samples in chunks when n_samples > batch_size;
+    K backward passes per batch. Point i's samples depend only on (seed, i, n_samples).
     """
     r = _attacks._check_eps(r, "r")
     if r == 0:
@@ -165,38 +211,28 @@ def lipschitz_lower_bound(
     norm = _attacks._norm_name(norm)
     x0, y0, dev = _attacks._prepare(model, x, y, device)
     n = x0.shape[0]
-    gen = torch.Generator().manual_seed(int(seed))
-    out = torch.empty(n, dtype=torch.float64, device=dev)
     with _attacks._attack_mode(model), torch.no_grad():
         if n == 0:
-            return out.to(x.device, torch.float32)
+            return torch.empty(0, dtype=torch.float32, device=x.device)
         z0 = model(x0)
         k = _attacks._check_logits(z0, y0, n)
         pred = z0.argmax(dim=1)
-        for i in range(n):
-            lip = torch.zeros(k, dtype=torch.float64, device=dev)
-            c = int(pred[i])
-            done = 0
-            while done < n_samples:
-                m = min(batch_size, n_samples - done)
-                pts = _ball_samples(x0[i], r, m, norm, gen)
-                if done == 0:
-                    pts[0] = x0[i].reshape(-1)  # the centre is always one of the samples
-                pts = pts.view(m, *x0.shape[1:]).requires_grad_(True)
-                with torch.enable_grad():
-                    z = model(pts)
-                    # Jacobian rows of g_j = f_c - f_j for every j: K backward passes over the batch.
-                    grads = []
-                    for j in range(k):
-                        (g,) = torch.autograd.grad((z[:, c] - z[:, j]).sum(), pts, retain_graph=j < k - 1)
-                        grads.append(_dual_norm(g.flatten(1).double(), norm))
-                lip = torch.maximum(lip, torch.stack(grads, dim=1).amax(dim=0))
-                done += m
-            gap = (z0[i, c] - z0[i]).double()
-            ratio = gap / lip
-            ratio[c] = float("inf")
-            ratio = torch.where(lip > 0, ratio, torch.full_like(ratio, float("inf")))
-            out[i] = torch.clamp(ratio.min(), max=r)
+        flat = x0.reshape(n, -1)
+        if n_samples <= batch_size:
+            per = max(1, batch_size // n_samples)
+            jobs = [(a, min(a + per, n), 0, n_samples) for a in range(0, n, per)]
+        else:
+            jobs = [(i, i + 1, s, min(s + batch_size, n_samples)) for i in range(n) for s in range(0, n_samples, batch_size)]
+        lip = torch.zeros(n, k, dtype=torch.float64, device=dev)
+        for a, b, s0, s1 in jobs:
+            pts = torch.cat([_point_samples(flat[i], r, n_samples, norm, seed, i, s0, s1) for i in range(a, b)])
+            m = s1 - s0
+            dn = _gap_gradient_norms(model, pts.view(-1, *x0.shape[1:]), pred[a:b].repeat_interleave(m), k, norm)
+            lip[a:b] = torch.maximum(lip[a:b], dn.view(b - a, m, k).amax(dim=1))
+        gap = (z0.gather(1, pred[:, None]) - z0).double()  # g_j(x) >= 0 since ŷ = argmax
+        ratio = torch.where(lip > 0, gap / lip, torch.full_like(lip, float("inf")))
+        ratio.scatter_(1, pred[:, None], float("inf"))
+        out = ratio.amin(dim=1).clamp(max=r)
         sign = torch.where(pred == y0, 1.0, -1.0).double()
     return (out * sign).to(x.device, torch.float32)
 
