@@ -1,0 +1,812 @@
+"""Chapter 5: the angular-margin weight penalty of Xu, Li & Yang (2020, paper 002) and its baselines.
+
+* geometry: the regular simplex (002 Lemma 2), the max-min-angle problem of 002 Thm 1 solved by
+  optimisation, the ReLU counter-example of 002 §3.2 / Fig. 2;
+* Max-Mahalanobis centres and the MMC model of Pang et al. (2020) (centres fixed, logits −‖z − μ_k‖²);
+* experiment drivers: models and training for CE / penalty / PGD-AT / MMC, the paper's Table-1 attack
+  suite, the adaptive-attack audit, and per-example worst cases.
+
+The losses themselves live in :mod:`marginlab.losses` (``angular_penalty_loss``, ``mmc_loss``,
+``pgd_adversarial_loss``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import config
+from .losses import angular_penalty, angular_penalty_loss, mmc_loss, pgd_adversarial_loss, simplex_gram
+
+# ============================================================================================
+# Geometry: simplex, Theorem 1, ReLU counter-example
+# ============================================================================================
+
+
+def _check_kp(num_classes: int, dim: int) -> None:
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"K (number of classes) must be an int >= 2, got {num_classes!r}")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"P (feature dimension) must be an int >= 1, got {dim!r}")
+
+
+def simplex(num_classes: int, dim: int, s: float = 1.0, *, dtype: torch.dtype = torch.float64,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """K rows in R^P of length s with pairwise inner products s²/(1−K): the W = [V, 0] of 002 Lemma 2.
+
+    Built from the centred basis vectors e_i − 1/K expressed in the Helmert basis of 1^⊥ (so it is
+    exact and deterministic). Needs K ≤ P + 1 (002 Thm 1's assumption).
+    """
+    _check_kp(num_classes, dim)
+    k = num_classes
+    if k > dim + 1:
+        raise ValueError(f"a regular simplex of K={k} vertices needs P >= K-1 = {k - 1} dimensions, got P={dim}")
+    if not s > 0:
+        raise ValueError(f"s must be positive, got {s!r}")
+    # Helmert rows h_j (j = 1..K-1): orthonormal basis of the sum-zero subspace.
+    helmert = torch.zeros(k - 1, k, dtype=torch.float64)
+    for j in range(1, k):
+        helmert[j - 1, :j] = 1.0
+        helmert[j - 1, j] = -float(j)
+        helmert[j - 1] /= math.sqrt(j * (j + 1))
+    centred = torch.eye(k, dtype=torch.float64) - 1.0 / k
+    v = centred @ helmert.T * (s * math.sqrt(k / (k - 1)))  # (K, K-1), rows of length s
+    w = torch.zeros(k, dim, dtype=torch.float64)
+    w[:, : k - 1] = v
+    return w.to(dtype=dtype, device=device)
+
+
+def pairwise_angles(w: torch.Tensor) -> torch.Tensor:
+    """Angles (radians) between all pairs of rows of ``w``, as a vector over i < j."""
+    if w.ndim != 2 or w.shape[0] < 2:
+        raise ValueError(f"w must be a (K >= 2, P) matrix, got shape {tuple(w.shape)}")
+    u = F.normalize(w, dim=1)
+    cos = (u @ u.T).clamp(-1.0, 1.0)
+    i, j = torch.triu_indices(w.shape[0], w.shape[0], offset=1)
+    return torch.arccos(cos[i, j])
+
+
+def simplex_angle(num_classes: int) -> float:
+    """The optimal minimum pairwise angle arccos(1/(1−K)) of 002 Thm 1 (radians)."""
+    _check_kp(num_classes, 1)
+    return math.acos(1.0 / (1 - num_classes))
+
+
+@dataclass
+class MaxMinAngleResult:
+    w: torch.Tensor  # (K, P) unit rows
+    min_angle: float  # radians
+    history: list[float]  # min angle (degrees) every `record_every` steps
+    gram_error: float | None  # max |W Wᵀ − Σ| when K <= P + 1, else None
+
+
+def max_min_angle(num_classes: int, dim: int, *, steps: int = 800, lr: float = 0.05,
+                  beta: tuple[float, float] = (5.0, 200.0), seed: int = 0, record_every: int = 25
+                  ) -> MaxMinAngleResult:
+    """Maximise the minimum pairwise angle of K unit vectors in R^P by gradient descent (002 Thm 1, (3.5)).
+
+    The objective is the smooth maximum (1/β) log Σ_{i<j} exp(β cos_ij) of the pairwise cosines, β
+    annealed geometrically from ``beta[0]`` to ``beta[1]`` so that it tends to max_{i<j} cos_ij (A.3).
+    Starting point: i.i.d. Gaussian rows (``seed``). Works for any K, P; the Gram error against Σ is
+    reported when K ≤ P + 1, where Thm 1 says the optimum is the simplex.
+    """
+    _check_kp(num_classes, dim)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if dim == 1:
+        # S^0 = {−1, +1} is disconnected: no gradient path exists, so enumerate (alternate the signs)
+        w = torch.tensor([[(-1.0) ** i] for i in range(num_classes)], dtype=torch.float64)
+        err = float((w @ w.T - simplex_gram(2, 1.0, dtype=w.dtype)).abs().max()) if num_classes == 2 else None
+        ang = math.degrees(float(pairwise_angles(w).min()))
+        return MaxMinAngleResult(w, math.radians(ang), [ang], err)
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(num_classes, dim, generator=g, dtype=torch.float64).requires_grad_(True)
+    opt = torch.optim.Adam([raw], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 1e-3)
+    i, j = torch.triu_indices(num_classes, num_classes, offset=1)
+    history = []
+    for t in range(steps):
+        b = beta[0] * (beta[1] / beta[0]) ** (t / max(steps - 1, 1))
+        u = F.normalize(raw, dim=1)
+        cos = (u @ u.T)[i, j]
+        obj = torch.logsumexp(b * cos, dim=0) / b
+        opt.zero_grad()
+        obj.backward()
+        opt.step()
+        sched.step()
+        if t % record_every == 0 or t == steps - 1:
+            history.append(math.degrees(float(pairwise_angles(raw.detach()).min())))
+    w = F.normalize(raw.detach(), dim=1)
+    err = None
+    if num_classes <= dim + 1:
+        err = float((w @ w.T - simplex_gram(num_classes, 1.0, dtype=w.dtype)).abs().max())
+    return MaxMinAngleResult(w, float(pairwise_angles(w).min()), history, err)
+
+
+def relu_counterexample(n: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
+    """002 §3.2 / Fig. 2: with K = 3, P = 2 and evenly spread w_i, a class whose w lies in the third
+    quadrant is never predicted for non-negative (ReLU) features, but is for tanh features in (−1, 1)².
+
+    Returns the weights (w_3 in the third quadrant) and the share of each predicted class over
+    features drawn uniformly from [0, 1]² (ReLU range, capped) and from (−1, 1)² (tanh range).
+    """
+    angles = np.deg2rad([100.0, 340.0, 220.0])  # w_2 in the fourth quadrant, w_3 strictly in the third
+    w = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    rng = np.random.default_rng(seed)
+    f_relu = rng.uniform(0.0, 1.0, size=(n, 2))
+    f_tanh = rng.uniform(-1.0, 1.0, size=(n, 2))
+    share = lambda f: np.bincount(np.argmax(f @ w.T, axis=1), minlength=3) / len(f)  # noqa: E731
+    # The algebra behind it: w_3 − w_j has two negative coordinates for j = 1, 2, so
+    # (w_3 − w_j)·f < 0 for every f >= 0, f != 0.
+    diffs = np.stack([w[2] - w[0], w[2] - w[1]])
+    return {"w": w, "share_relu": share(f_relu), "share_tanh": share(f_tanh), "w3_minus_wj": diffs,
+            "f_relu": f_relu[:2000], "f_tanh": f_tanh[:2000]}
+
+
+def fixed_head_toy(activation: str, *, n_per_class: int = 200, steps: int = 400, seed: int = 0,
+                   scale: float = 5.0) -> dict[str, float | np.ndarray]:
+    """Train a tiny 2→64→2 network whose 2-D features feed a *fixed* simplex head (w_3 in the third
+    quadrant, as when weights are fixed in advance, 002 §3.2) on three Gaussian blobs; per-class recall.
+
+    With ``activation="relu"`` class 3 can never be predicted (asserted in the chapter);
+    ``"tanh"`` features can reach every class.
+    """
+    if activation not in ("relu", "tanh"):
+        raise ValueError(f"activation must be 'relu' or 'tanh', got {activation!r}")
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.tensor([[0.0, 3.0], [2.6, -1.5], [-2.6, -1.5]])
+    x = torch.cat([m + 0.7 * torch.randn(n_per_class, 2, generator=gen) for m in means])
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 2))
+    act = torch.relu if activation == "relu" else torch.tanh
+    w = torch.tensor(relu_counterexample(n=3)["w"], dtype=torch.float32) * scale
+    opt = torch.optim.Adam(body.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = F.cross_entropy(act(body(x)) @ w.T, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = (act(body(x)) @ w.T).argmax(1)
+    recall = np.array([float((pred[y == k] == k).float().mean()) for k in range(3)])
+    return {"recall": recall, "accuracy": float((pred == y).float().mean()), "loss": float(loss.detach())}
+
+
+# ============================================================================================
+# MMC (Pang et al. 2020)
+# ============================================================================================
+
+
+def mmc_centers(num_classes: int, dim: int, c_mm: float = 10.0, *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Max-Mahalanobis centres (Pang et al. 2018/2020, Algorithm 1): μ_1 = e_1, then μ_i solves
+    μ_iᵀμ_j = 1/(1−K) for j < i with ‖μ_i‖ = 1 in the first i coordinates; scaled by C_MM."""
+    _check_kp(num_classes, dim)
+    k = num_classes
+    if k > dim + 1:
+        raise ValueError(f"K={k} Max-Mahalanobis centres need P >= K-1 = {k - 1}, got P={dim}")
+    if not c_mm > 0:
+        raise ValueError(f"C_MM must be positive, got {c_mm!r}")
+    mu = np.zeros((k, dim))
+    mu[0, 0] = 1.0
+    for i in range(1, k):
+        for j in range(i):
+            mu[i, j] = -(1.0 / (k - 1) + mu[i] @ mu[j]) / mu[j, j]
+        # the last free coordinate makes ‖μ_i‖ = 1; index i exists because i <= K-1 <= P
+        if i < dim:
+            mu[i, i] = math.sqrt(max(1.0 - mu[i] @ mu[i], 0.0))
+    return torch.tensor(c_mm * mu, dtype=dtype, device=device)
+
+
+class MMCHead(nn.Module):
+    """Fixed-centre head: logits_k = −‖z − μ_k‖² (Pang et al. 2020), so argmax = nearest centre."""
+
+    def __init__(self, centers: torch.Tensor):
+        super().__init__()
+        if centers.ndim != 2:
+            raise ValueError(f"centers must be (K, P), got shape {tuple(centers.shape)}")
+        self.register_buffer("centers", centers.detach().clone())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.centers.shape[1]:
+            raise ValueError(f"features must be (N, {self.centers.shape[1]}), got {tuple(z.shape)}")
+        # expanded difference rather than cdist: exact, and differentiable at z = μ_k
+        return -(z.unsqueeze(1) - self.centers).pow(2).sum(-1)
+
+
+class MMCNet(nn.Module):
+    """Wraps a model's feature extractor with an :class:`MMCHead`; the model's own head is dropped.
+
+    Attacks apply unchanged: the logits −‖z − μ_k‖² are what Pang et al. attack with SCE.
+    """
+
+    def __init__(self, base: nn.Module, num_classes: int, feature_dim: int, c_mm: float = 10.0):
+        super().__init__()
+        self.base = base
+        self.head = MMCHead(mmc_centers(num_classes, feature_dim, c_mm))
+        self.c_mm = c_mm
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def extra_repr(self) -> str:
+        return f"c_mm={self.c_mm}"
+
+
+def mmc_predict(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Class of the nearest centre (Pang et al. 2020 prediction rule)."""
+    return torch.cdist(z, centers).argmin(dim=1)
+
+
+# ============================================================================================
+# Experiment configuration
+# ============================================================================================
+
+METHODS = ("CE", "AT", "MMC", "Ours")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str  # column name of the paper's table (e.g. "PGD40")
+    kind: str  # "pgd" | "deepfool" | "cw" | "mta"
+    eps: float
+    steps: int
+    step_size: float | None = None  # PGD/MTA step, CW learning rate, DeepFool overshoot
+    norm: str = "linf"
+    binary_search_steps: int = 0  # CW only
+    initial_const: float = 1e-3  # CW only
+    num_targets: int | None = None  # MTA only (None = every wrong class)
+    paper: str = ""  # the paper's setting (002 Table 1), for the report
+
+
+@dataclass(frozen=True)
+class Ch5Config:
+    dataset: str = "mnist"  # "mnist" | "cifar10" | "cifar100"
+    n_train: int | None = None  # None = every training image available
+    n_test: int = 200
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.01
+    alpha: float = 100.0
+    s: float = 0.1
+    c_mm: float = 10.0
+    at_steps: int = 3
+    at_step_size: float | None = None
+    attacks: tuple[AttackSpec, ...] = ()
+    audit_steps: int = 100
+    audit_restarts: int = 2
+    seed: int = 0
+
+    @property
+    def eps(self) -> float:
+        return 0.3 if self.dataset == "mnist" else 8 / 255
+
+    @property
+    def arch(self) -> str:
+        return "mnist" if self.dataset == "mnist" else "cifar"
+
+    @property
+    def num_classes(self) -> int:
+        return 100 if self.dataset == "cifar100" else 10
+
+
+def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, cw_initial_const: float = 1e-3,
+                  mta_targets: int | None = None, cw_lr: float = 0.01, cw_steps: int | None = None
+                  ) -> tuple[AttackSpec, ...]:
+    """The attack suite of 002 Table 1 for ``dataset``; ``scale`` < 1 shrinks step counts (quick profile)
+    while keeping eps and the total travel (steps × step size, capped below by one eps) comparable."""
+    mnist = dataset == "mnist"
+    eps = 0.3 if mnist else 8 / 255
+    cw_eps = 3.0 if mnist else 1.0
+    n = lambda k: k if scale >= 1 else max(5, int(round(k * scale)))  # noqa: E731
+
+    def step(k: int, size: float) -> float:
+        # with fewer steps, use Madry's rule 2.5·eps/steps so the attack can still cross the ball
+        return size if n(k) == k else max(size, 2.5 * eps / n(k))
+
+    if mnist:
+        pgd = [("PGD40", 40, 0.01), ("PGD200", 200, 0.01)]
+        mta = ("MTA200", 200, 0.01)
+    else:
+        pgd = [("PGD20", 20, 0.0031), ("PGD100", 100, 0.0031)]
+        mta = ("MTA100", 100, 0.0031)
+    specs = [AttackSpec(nm, "pgd", eps, n(k), step(k, a), paper=f"{k} steps, step {a}") for nm, k, a in pgd]
+    specs.append(AttackSpec("DeepFool", "deepfool", eps, max(n(50), 5), 0.02,
+                            paper="50 steps, overshoot 0.02, Linf"))
+    specs.append(AttackSpec("C&W", "cw", cw_eps, cw_steps or n(1000), cw_lr, norm="l2", binary_search_steps=cw_binary_search,
+                            initial_const=cw_initial_const,
+                            paper=f"1000 steps, lr 0.01, L2 eps {cw_eps:g} (binary search 9, c0 1e-3)"))
+    specs.append(AttackSpec(mta[0], "mta", eps, n(mta[1]), step(mta[1], mta[2]), num_targets=mta_targets,
+                            paper=f"{mta[1]} steps, step {mta[2]}, every target"))
+    return tuple(specs)
+
+
+def default_config(dataset: str = "mnist") -> Ch5Config:
+    """Quick (CPU) or full (paper) settings for ``dataset`` via :func:`marginlab.config.pick`."""
+    if dataset not in ("mnist", "cifar10", "cifar100"):
+        raise ValueError(f"dataset must be 'mnist', 'cifar10' or 'cifar100', got {dataset!r}")
+    mnist = dataset == "mnist"
+    eps = 0.3 if mnist else 8 / 255
+    full = Ch5Config(dataset=dataset, n_train=None, n_test=10000, epochs=400,
+                     at_steps=40 if mnist else 7, at_step_size=0.01 if mnist else 2 / 255,
+                     attacks=paper_attacks(dataset), audit_steps=500, audit_restarts=10)
+    # quick: a CPU smoke run of every code path (1024 training images, 4 epochs, 100 test images,
+    # attacks with ~1/10-1/20 of the paper's steps; C&W: one run at c = 1, no binary search)
+    quick = Ch5Config(dataset=dataset, n_train=1024, n_test=100, epochs=4,
+                      at_steps=2, at_step_size=eps / 2,
+                      attacks=paper_attacks(dataset, scale=0.05, cw_binary_search=1, cw_initial_const=1.0,
+                                            mta_targets=3, cw_lr=0.05, cw_steps=20),
+                      audit_steps=20, audit_restarts=2)
+    return config.pick(quick=quick, full=full)
+
+
+# ============================================================================================
+# Models and training
+# ============================================================================================
+
+
+def make_model(method: str, cfg: Ch5Config, *, feature_activation: str | None = None) -> nn.Module:
+    """CW small CNN with BatchNorm for ``method`` (002 §4.2).
+
+    CE / AT: ReLU features, biased head. Ours: tanh features, bias-free head (002 §3.1-3.2).
+    MMC: ReLU features (as in Pang et al.), fixed centres of norm C_MM.
+    """
+    from .models import CWNet
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    torch.manual_seed(cfg.seed)
+    if method == "Ours":
+        act = feature_activation or "tanh"
+        return CWNet(dataset=cfg.arch, num_classes=cfg.num_classes, batchnorm=True, activation="relu",
+                     feature_activation=act, head_bias=False)
+    base = CWNet(dataset=cfg.arch, num_classes=cfg.num_classes, batchnorm=True, activation="relu",
+                 feature_activation=feature_activation or "relu", head_bias=True)
+    if method == "MMC":
+        return MMCNet(base, cfg.num_classes, base.head.in_features, cfg.c_mm)
+    return base
+
+
+def loss_for(method: str, cfg: Ch5Config, *, alpha: float | None = None, s: float | None = None):
+    """The training loss of ``method`` (a trainer loss_fn)."""
+    from .losses import cross_entropy
+
+    if method == "CE":
+        return cross_entropy
+    if method == "Ours":
+        return angular_penalty_loss(cfg.alpha if alpha is None else alpha, cfg.s if s is None else s)
+    if method == "MMC":
+        return mmc_loss
+    if method == "AT":
+        return pgd_adversarial_loss(cfg.eps, cfg.at_steps, cfg.at_step_size)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def load_data(cfg: Ch5Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train / test tensors of ``cfg.dataset`` (inputs in [0,1], no augmentation); test = first n_test."""
+    from . import data
+
+    xtr, ytr = data.load(cfg.dataset, "train")
+    xte, yte = data.load(cfg.dataset, "test")
+    if cfg.n_train is not None:
+        xtr, ytr = xtr[: cfg.n_train], ytr[: cfg.n_train]
+    return xtr, ytr, xte[: cfg.n_test], yte[: cfg.n_test]
+
+
+def train_method(method: str, cfg: Ch5Config, x: torch.Tensor, y: torch.Tensor, *, tag: str = "ch05",
+                 feature_activation: str | None = None, alpha: float | None = None, s: float | None = None,
+                 epochs: int | None = None, callbacks=(), device=None):
+    """Train ``method`` with Adam (lr ``cfg.lr``, batch ``cfg.batch_size``) and return (model, history)."""
+    from .train import fit
+
+    model = make_model(method, cfg, feature_activation=feature_activation)
+    hist = fit(model, x, y, loss_fn=loss_for(method, cfg, alpha=alpha, s=s), optimizer="adam", lr=cfg.lr,
+               epochs=cfg.epochs if epochs is None else epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+               device=device, callbacks=callbacks, cache=f"{tag}-{method}")
+    model.eval()
+    return model, hist
+
+
+# ============================================================================================
+# Evaluation
+# ============================================================================================
+
+
+@torch.no_grad()
+def correct_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Boolean (N,) mask of correctly classified inputs (model in eval mode)."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    model.train(was)
+    return out == y.cpu()
+
+
+def _dist(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    d = (x_adv - x).flatten(1)
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one attack of the suite; returns (x_adv, robust mask).
+
+    Minimal-perturbation attacks (DeepFool, C&W) count an example as robust when the found
+    adversarial point is farther than ``spec.eps`` or is not adversarial at all.
+    """
+    from . import attacks
+
+    if spec.kind == "pgd":
+        x_adv = attacks.pgd(model, x, y, spec.eps, spec.steps, step_size=spec.step_size, norm=spec.norm,
+                            loss="ce", random_start=True, restarts=1, seed=seed)
+        return x_adv, correct_mask(model, x_adv, y)
+    if spec.kind == "mta":
+        x_adv = attacks.multi_target(model, x, y, spec.eps, spec.steps, norm=spec.norm, step_size=spec.step_size,
+                                     num_targets=spec.num_targets, seed=seed)
+        return x_adv, correct_mask(model, x_adv, y)
+    if spec.kind == "deepfool":
+        x_adv = attacks.deepfool(model, x, y, steps=spec.steps, overshoot=spec.step_size, norm=spec.norm)
+    elif spec.kind == "cw":
+        x_adv = attacks.cw_l2(model, x, y, steps=spec.steps, lr=spec.step_size,
+                              binary_search_steps=spec.binary_search_steps, initial_const=spec.initial_const)
+    else:
+        raise ValueError(f"unknown attack kind {spec.kind!r}")
+    ok = correct_mask(model, x, y)
+    fooled = ~correct_mask(model, x_adv, y)
+    within = _dist(x_adv, x, spec.norm) <= spec.eps * (1 + 1e-5)
+    return x_adv, ok & ~(fooled & within)
+
+
+@dataclass
+class Evaluation:
+    clean: torch.Tensor  # (N,) bool
+    robust: dict[str, torch.Tensor]  # attack name -> (N,) bool
+    distances: dict[str, torch.Tensor] = field(default_factory=dict)  # minimal attacks: (N,) distances
+
+    def accuracy(self) -> dict[str, float]:
+        out = {"Clean": float(self.clean.float().mean())}
+        out.update({k: float(v.float().mean()) for k, v in self.robust.items()})
+        out["worst case"] = float(self.worst_case().float().mean())
+        return out
+
+    def worst_case(self, names=None) -> torch.Tensor:
+        """Per-example worst case: robust only if clean-correct and robust to every attack (DESIGN §6)."""
+        m = self.clean.clone()
+        for k, v in self.robust.items():
+            if names is None or k in names:
+                m &= v
+        return m
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: tuple[AttackSpec, ...],
+             seed: int = 0) -> Evaluation:
+    """Clean correctness and per-attack robustness masks under the suite ``specs``."""
+    ev = Evaluation(correct_mask(model, x, y), {})
+    for spec in specs:
+        x_adv, rob = run_attack(model, x, y, spec, seed=seed)
+        ev.robust[spec.name] = rob & ev.clean
+        if spec.kind in ("deepfool", "cw"):
+            d = _dist(x_adv, x, spec.norm)
+            d[correct_mask(model, x_adv, y)] = float("inf")  # not adversarial: no distance found
+            d[~ev.clean] = 0.0
+            ev.distances[spec.name] = d
+    return ev
+
+
+# ============================================================================================
+# Adaptive-attack audit
+# ============================================================================================
+
+
+@dataclass
+class Audit:
+    evaluation: Evaluation  # masks at the table's eps: FGSM, margin-PGD, CE-PGD (restarts), transfer
+    epsilons: list[float]
+    curves: dict[str, list[float]]  # accuracy vs eps: "PGD" (table-like), "FGSM", "stronger", "transfer"
+    unbounded: dict[str, object]
+    sanity: dict[str, object]
+
+
+def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
+          source: nn.Module | None = None, seed: int = 0, grid: int = 2, label: str = "Ours") -> Audit:
+    """Adaptive attacks on top of the paper's suite (Carlini et al. 2019 checklist), on eps-grids
+    ``[0, eps/grid, ..., eps]`` so that DESIGN §6 can be checked (and is, with a strict assertion):
+
+    * "PGD": CE-loss PGD with ``cfg.audit_steps // 2`` steps (the table-style attack);
+    * "FGSM": one step (iterative must beat single-step);
+    * "stronger": margin-loss (logit-difference) PGD, ``cfg.audit_steps`` steps × ``cfg.audit_restarts``
+      restarts, worst case with CE-PGD at the same budget (more effort must not raise accuracy);
+    * "transfer": PGD examples made on ``source`` (the plain-CE model) (white-box must beat transfer);
+    * unbounded: eps = 1 margin-PGD must reach 0% (with the median minimal Linf distortion).
+    """
+    from . import attacks
+
+    eps_grid = [cfg.eps * i / grid for i in range(grid + 1)]
+    steps = cfg.audit_steps
+
+    def pgd_ce(m, xb, yb, e, k=max(steps // 2, 1), r=1, loss="ce", s=seed):
+        return attacks.pgd(m, xb, yb, e, k, loss=loss, restarts=r, seed=s)
+
+    def stronger(m, xb, yb, e):
+        xa = pgd_ce(m, xb, yb, e, steps, cfg.audit_restarts, "margin", seed + 1)
+        xc = pgd_ce(m, xb, yb, e, steps, cfg.audit_restarts, "ce", seed + 2)
+        ok = correct_mask(m, xa, yb)
+        return torch.where(ok.view(-1, *[1] * (xb.dim() - 1)), xc, xa)  # keep whichever fooled
+
+    def fgsm(m, xb, yb, e):
+        return attacks.fgsm(m, xb, yb, e)
+
+    ev = Evaluation(correct_mask(model, x, y), {})
+    curves: dict[str, list[float]] = {}
+    named = {"PGD": pgd_ce, "FGSM": fgsm, "stronger": stronger}
+    if source is not None:
+        named["transfer"] = lambda m, xb, yb, e: pgd_ce(source, xb, yb, e, steps, 1, "ce", seed + 3)
+    for name, atk in named.items():
+        accs = []
+        for e in eps_grid:
+            if e == 0:
+                accs.append(float(ev.clean.float().mean()))
+                continue
+            xa = atk(model, x, y, e)
+            attacks.assert_in_ball(x, xa, e, "linf")
+            rob = correct_mask(model, xa, y) & ev.clean
+            accs.append(float(rob.float().mean()))
+            if e == eps_grid[-1]:
+                ev.robust[{"PGD": f"PGD-CE {max(steps // 2, 1)}", "FGSM": "FGSM",
+                           "stronger": f"PGD-margin+CE {steps}×{cfg.audit_restarts}",
+                           "transfer": "transfer from CE"}[name]] = rob
+        curves[name] = accs
+    unb = unbounded_attack(model, x, y, steps=max(steps, 20), restarts=cfg.audit_restarts, seed=seed)
+    med = float(unb["linf_distortion"][ev.clean].median()) if bool(ev.clean.any()) else float("nan")
+    unb["median_linf"] = med
+    report = attacks.assert_sanity(
+        eps_grid, curves["PGD"], clean=float(ev.clean.float().mean()), unbounded=unb["accuracy"],
+        median_distortion=med, stronger=[curves["stronger"]], single_step=curves["FGSM"],
+        transfer=curves.get("transfer"), tol=0.05, unbounded_tol=0.0, label=label)
+    return Audit(ev, eps_grid, curves, unb, report)
+
+
+def unbounded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 100,
+                     restarts: int = 1, halvings: int = 5, seed: int = 0) -> dict[str, float | torch.Tensor]:
+    """Sanity check (DESIGN §6): Linf margin-PGD with eps = 1 (the whole image cube) must reach 0%.
+
+    Where PGD fails, a gradient-free blend towards another class's image finishes the job (and its
+    failure share is reported as ``pgd_accuracy``: > 0 there is a sign of gradient masking).
+    Also the per-example Linf distortion needed: start from the distance of the unbounded attack's
+    point, then ``halvings`` bisection steps on a per-example eps with the same attack (inf where the
+    unbounded attack failed, 0 where the clean input is already wrong). Report its median.
+    """
+    from . import attacks
+
+    x_adv = attacks.pgd(model, x, y, 1.0, steps, step_size=0.05, loss="margin", random_start=True,
+                        restarts=restarts, seed=seed, early_stop=True)
+    fooled = ~correct_mask(model, x_adv, y)
+    pgd_acc = float((~fooled).float().mean())
+    # gradient-free fallback (immune to masking): blend towards a correctly classified image of another
+    # class, x + t (x_j − x), at the first t on a grid that changes the prediction (t = 1 is x_j itself)
+    ok = correct_mask(model, x, y)
+    if bool((~fooled).any()):
+        x_adv = x_adv.clone()
+        donors = (ok).nonzero().squeeze(1)
+        for i in (~fooled).nonzero().squeeze(1).tolist():
+            cand = donors[y[donors] != y[i]]
+            if len(cand) == 0:
+                continue
+            j = int(cand[(cand - i).abs().argmin()])
+            tgrid = torch.linspace(0.05, 1.0, 20).view(-1, *([1] * (x.dim() - 1)))
+            blend = (x[i:i + 1] + tgrid * (x[j:j + 1] - x[i:i + 1])).clamp(0, 1)
+            hit = (~correct_mask(model, blend, y[i].repeat(len(blend)))).nonzero()
+            if len(hit):
+                x_adv[i] = blend[int(hit[0])]
+                fooled[i] = True
+    acc = float((~fooled).float().mean())
+    hi = torch.where(fooled, _dist(x_adv, x, "linf").cpu(), torch.full((len(x),), float("inf")))
+    lo = torch.zeros(len(x))
+    live = ok & torch.isfinite(hi)
+    for _ in range(halvings):
+        if not bool(live.any()):
+            break
+        mid = (lo + hi) / 2
+        xa = _pgd_per_example_eps(model, x[live], y[live], mid[live], steps=max(steps // 4, 5), seed=seed)
+        f = ~correct_mask(model, xa, y[live])
+        idx = live.nonzero().squeeze(1)
+        hi[idx[f]] = mid[idx[f]]
+        lo[idx[~f]] = mid[idx[~f]]
+    dist = torch.where(ok, hi, torch.zeros_like(hi))
+    return {"accuracy": acc, "pgd_accuracy": pgd_acc, "linf_distortion": dist}
+
+
+def _pgd_per_example_eps(model, x, y, eps: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+    """Margin-loss Linf PGD with a per-example radius (private helper for the bisection)."""
+    was = model.training
+    model.eval()
+    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
+    g = torch.Generator().manual_seed(seed)
+    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * e
+    xa = (x + delta).clamp(0, 1)
+    step = 2.5 * e / steps
+    for _ in range(steps):
+        xa = xa.detach().requires_grad_(True)
+        logits = model(xa)
+        loss = margin_loss(logits, y).sum()
+        (grad,) = torch.autograd.grad(loss, xa)
+        xa = xa.detach() + step * grad.sign()
+        xa = torch.min(torch.max(xa, x - e), x + e).clamp(0, 1)
+    model.train(was)
+    return xa.detach()
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example max_{j≠y} z_j − z_y (positive <=> misclassified); the CW / margin attack objective."""
+    zy = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, y[:, None], float("-inf"))
+    return other.amax(1) - zy
+
+
+def loss_along_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, *,
+                         direction: str = "gradient", seed: int = 0) -> dict[str, torch.Tensor]:
+    """CE loss and margin (max_{j≠y} z_j − z_y) at x + t·d for t in ``ts`` (1-D slice; gradient masking
+    shows up as a flat or jagged CE along the signed gradient while the margin still moves).
+
+    ``direction`` "gradient": d = sign(∇_x CE); "random": a random sign vector.
+    """
+    if direction not in ("gradient", "random"):
+        raise ValueError(f"direction must be 'gradient' or 'random', got {direction!r}")
+    was = model.training
+    model.eval()
+    if direction == "gradient":
+        xg = x.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+        d = g.sign()
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        d = torch.randint(0, 2, x.shape, generator=gen).to(x) * 2 - 1
+    ce, mg = [], []
+    with torch.no_grad():
+        for t in ts:
+            z = model((x + float(t) * d).clamp(0, 1))
+            ce.append(F.cross_entropy(z, y, reduction="none"))
+            mg.append(margin_loss(z, y))
+    model.train(was)
+    return {"t": ts, "ce": torch.stack(ce, 1), "margin": torch.stack(mg, 1),
+            "grad_zero_frac": (d == 0).float().mean()}
+
+
+def weight_geometry(model: nn.Module) -> dict[str, float]:
+    """Row norms, min pairwise angle (degrees) and penalty value of the classification layer."""
+    w = model.head.centers if isinstance(model.head, MMCHead) else model.head.weight
+    w = w.detach().double()
+    k = w.shape[0]
+    return {"min_angle_deg": math.degrees(float(pairwise_angles(w).min())),
+            "simplex_angle_deg": math.degrees(simplex_angle(k)),
+            "mean_row_norm": float(w.norm(dim=1).mean()),
+            "penalty_s0.1": float(angular_penalty(w, 0.1))}
+
+
+# ============================================================================================
+# The paper's numbers (002 Tables 2-5, transcribed from the text) and side-by-side tables
+# ============================================================================================
+
+#: 002 Table 4 (MNIST, small CNN) and Table 5 (CIFAR-10, small CNN), accuracies in %.
+PAPER_TABLES: dict[str, dict[str, dict[str, float]]] = {
+    "mnist": {
+        "AT": {"Clean": 99.47, "PGD40": 96.38, "PGD200": 94.58, "DeepFool": 96.79, "C&W": 39.82, "MTA200": 98.57},
+        "MMC": {"Clean": 89.55, "PGD40": 35.98, "PGD200": 34.91, "DeepFool": 34.12, "C&W": 2.08, "MTA200": 12.40},
+        "Ours": {"Clean": 99.39, "PGD40": 81.90, "PGD200": 80.39, "DeepFool": 97.28, "C&W": 97.95, "MTA200": 88.31},
+    },
+    "cifar10": {
+        "AT": {"Clean": 68.81, "PGD20": 21.36, "PGD100": 18.94, "DeepFool": 24.68, "C&W": 10.91, "MTA100": 57.15},
+        "MMC": {"Clean": 73.30, "PGD20": 39.23, "PGD100": 38.96, "DeepFool": 16.86, "C&W": 1.49, "MTA100": 25.96},
+        "Ours": {"Clean": 81.43, "PGD20": 57.11, "PGD100": 56.22, "DeepFool": 59.11, "C&W": 59.11, "MTA100": 64.88},
+    },
+    # 002 Table 3 (CIFAR-100, WRN-34-10) and Table 2 (CIFAR-10, WRN-34-10): "Ours" rows
+    "cifar100": {"Ours": {"Clean": 73.84, "PGD20": 47.17, "PGD100": 46.47, "DeepFool": 55.21, "C&W": 54.82}},
+    "cifar10-wrn": {"Ours": {"Clean": 94.10, "PGD20": 78.40, "DeepFool": 79.92, "C&W": 83.42}},
+}
+
+
+def comparison_table(results: dict[str, dict[str, float]] | None, dataset: str) -> list[dict[str, str]]:
+    """Rows (for :func:`marginlab.scorecard.markdown_table`): per method a 'paper' and an 'ours' row, in %.
+
+    ``results``: method -> {column: fraction} (our measurements; None = not run). Columns follow the
+    paper's table, plus our per-example worst case over the whole suite.
+    """
+    paper = PAPER_TABLES[dataset]
+    cols = list(next(iter(paper.values())))
+    fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    rows = []
+    methods = list(paper) + [m for m in (results or {}) if m not in paper]
+    for m in methods:
+        if m in paper:
+            rows.append({"method": m, "source": "paper", **{c: fmt(paper[m].get(c)) for c in cols},
+                         "worst case": "—"})
+        ours = (results or {}).get(m)
+        rows.append({"method": m, "source": "ours" if ours else "ours (not run)",
+                     **{c: fmt(100 * ours[c]) if ours and c in ours else "—" for c in cols},
+                     "worst case": fmt(100 * ours["worst case"]) if ours and "worst case" in ours else "—"})
+    return rows
+
+
+def attack_table(specs: tuple[AttackSpec, ...]) -> list[dict[str, str]]:
+    """Rows: every attack's hyperparameters (ours) next to the paper's Table-1 setting."""
+    return [{"attack": s.name, "kind": s.kind, "norm": s.norm, "eps": f"{s.eps:.4g}", "steps": str(s.steps),
+             "step / lr / overshoot": f"{s.step_size:.4g}" if s.step_size else "—",
+             "extra": (f"binary search {s.binary_search_steps}, c0 {s.initial_const:g}" if s.kind == "cw" else
+                       f"targets {s.num_targets or 'all'}" if s.kind == "mta" else ""),
+             "paper (002 Table 1)": s.paper} for s in specs]
+
+
+# ============================================================================================
+# Experiment drivers (the chapter calls these)
+# ============================================================================================
+
+
+@dataclass
+class MethodRun:
+    model: nn.Module
+    history: object
+    evaluation: Evaluation
+    seconds: float
+
+
+def run_table(cfg: Ch5Config, methods: tuple[str, ...] = METHODS, *, tag: str = "ch05", data=None,
+              progress: Callable[[str], None] | None = print) -> dict[str, MethodRun]:
+    """Train every method on ``cfg.dataset`` and evaluate it under the Table-1 suite ``cfg.attacks``."""
+    import time
+
+    xtr, ytr, xte, yte = data if data is not None else load_data(cfg)
+    out = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        model, hist = train_method(m, cfg, xtr, ytr, tag=tag)
+        ev = evaluate(model, xte, yte, cfg.attacks, seed=cfg.seed)
+        out[m] = MethodRun(model, hist, ev, time.perf_counter() - t0)
+        if progress:
+            acc = ev.accuracy()
+            progress(f"{m:5s} " + "  ".join(f"{k} {100 * v:5.1f}" for k, v in acc.items())
+                     + f"   ({out[m].seconds:.0f} s)")
+    return out
+
+
+def run_ablation(cfg: Ch5Config, data, *, alphas=(0.0, 1.0, 100.0), ss=(0.1, 1.0),
+                 activations=("relu", "prelu", "leaky_relu", "tanh"), attack: AttackSpec | None = None,
+                 tag: str = "ch05-ablation", base_model: nn.Module | None = None) -> dict[str, dict]:
+    """002 §4.3 / Figs. 5-6: clean and PGD accuracy of the penalty method over α, s and the feature
+    activation (α = ``cfg.alpha`` for the activation sweep, s from ``ss``). ``base_model``, when given,
+    is the already trained model at (cfg.alpha, cfg.s, tanh) on the same data and is reused there."""
+    xtr, ytr, xte, yte = data
+    attack = attack or cfg.attacks[0]
+    res: dict[str, dict] = {"alpha_s": {}, "activation": {}}
+
+    def one(**kw):
+        if base_model is not None and kw.get("alpha", cfg.alpha) == cfg.alpha and kw.get("s", cfg.s) == cfg.s \
+                and kw.get("feature_activation", "tanh") == "tanh":
+            model = base_model
+        else:
+            model, _ = train_method("Ours", cfg, xtr, ytr, tag=tag + "-" + "-".join(f"{k}{v}" for k, v in kw.items()),
+                                    **kw)
+        ok = correct_mask(model, xte, yte)
+        _, rob = run_attack(model, xte, yte, attack, seed=cfg.seed)
+        return float(ok.float().mean()), float((rob & ok).float().mean())
+
+    for a in alphas:
+        for s in ss:
+            res["alpha_s"][(a, s)] = one(alpha=a, s=s)
+    for act in activations:
+        for s in ss:
+            if act == "tanh" and (cfg.alpha, s) in res["alpha_s"]:  # same model as the α-s grid point
+                res["activation"][(act, s)] = res["alpha_s"][(cfg.alpha, s)]
+            else:
+                res["activation"][(act, s)] = one(feature_activation=act, s=s)
+    return res

@@ -1,0 +1,195 @@
+"""Chapter 5 (paper 002): simplex geometry, Thm 1, the angular penalty, MMC centres and losses."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marginlab import angular as A
+from marginlab import losses as L
+
+
+# ---- simplex and Σ -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,p,s", [(2, 1, 1.0), (3, 2, 0.1), (10, 200, 0.1), (10, 9, 2.0), (100, 256, 0.1)])
+def test_simplex_gram_exact(k, p, s):
+    w = A.simplex(k, p, s)
+    assert w.shape == (k, p) and w.dtype == torch.float64
+    sigma = L.simplex_gram(k, s, dtype=torch.float64)
+    assert torch.allclose(w @ w.T, sigma, atol=1e-12 * max(1.0, s * s))
+    assert sigma[0, 0] == pytest.approx(s * s) and sigma[0, 1] == pytest.approx(s * s / (1 - k))
+    assert math.degrees(A.pairwise_angles(w).min()) == pytest.approx(math.degrees(A.simplex_angle(k)), abs=1e-9)
+    # the vertices sum to zero (Pang et al.'s extra assumption holds automatically)
+    assert torch.allclose(w.sum(0), torch.zeros(p, dtype=torch.float64), atol=1e-12)
+
+
+def test_simplex_needs_k_le_p_plus_1():
+    with pytest.raises(ValueError, match="P >= K-1"):
+        A.simplex(4, 2)
+    with pytest.raises(ValueError, match="P >= K-1"):
+        A.mmc_centers(11, 9)
+    with pytest.raises(ValueError):
+        A.simplex(1, 3)
+    with pytest.raises(ValueError):
+        L.simplex_gram(3, s=0.0)
+
+
+# ---- the penalty --------------------------------------------------------------------------------
+
+
+def test_penalty_zero_at_simplex_positive_elsewhere():
+    w = A.simplex(10, 200, 0.1)
+    assert float(L.angular_penalty(w, 0.1)) < 1e-12
+    # rotations keep the Gram matrix: still zero
+    q, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert float(L.angular_penalty(w @ q, 0.1)) < 1e-12
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        assert float(L.angular_penalty(torch.randn(10, 200, dtype=torch.float64, generator=g) * 0.01, 0.1)) > 1e-3
+    assert float(L.angular_penalty(w * 1.1, 0.1)) > 0  # wrong length
+    assert float(L.angular_penalty(w, 0.2)) > 0  # wrong s
+
+
+def test_penalty_is_frobenius_not_squared():
+    w = torch.zeros(3, 4, dtype=torch.float64)
+    sigma = L.simplex_gram(3, 0.1, dtype=torch.float64)
+    assert float(L.angular_penalty(w, 0.1)) == pytest.approx(float(sigma.pow(2).sum().sqrt()))
+
+
+def test_penalty_gradcheck():
+    w = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: L.angular_penalty(m, 0.3), (w,))
+
+
+def test_penalty_bad_shape():
+    with pytest.raises(ValueError, match="matrix"):
+        L.angular_penalty(torch.zeros(3), 0.1)
+    with pytest.raises(ValueError):
+        L.angular_penalty_loss(alpha=-1.0)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, k=3, p=4, bias=False):
+        super().__init__()
+        self.body = torch.nn.Linear(2, p)
+        self.head = torch.nn.Linear(p, k, bias=bias)
+
+    def features(self, x):
+        return torch.tanh(self.body(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_angular_penalty_loss_value():
+    torch.manual_seed(0)
+    m = _Tiny()
+    x, y = torch.randn(8, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    loss = L.angular_penalty_loss(alpha=100.0, s=0.1)(m, x, y)
+    ref = torch.nn.functional.cross_entropy(m(x), y) + 100.0 * L.angular_penalty(m.head.weight, 0.1)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    # training on the penalty alone drives W W^T to Σ
+    opt = torch.optim.Adam(m.head.parameters(), lr=0.01)
+    for _ in range(1500):
+        opt.zero_grad()
+        L.angular_penalty(m.head.weight, 0.1).backward()
+        opt.step()
+    assert float(L.angular_penalty(m.head.weight, 0.1)) < 1e-3
+
+
+# ---- Theorem 1 ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(2, 6).flatmap(lambda k: st.tuples(st.just(k), st.integers(k - 1, k + 3))), st.integers(0, 3))
+def test_thm1_optimisation_reaches_simplex(kp, seed):
+    k, p = kp
+    res = A.max_min_angle(k, p, steps=600, seed=seed)
+    assert res.gram_error is not None and res.gram_error < 1e-3
+    assert res.min_angle == pytest.approx(A.simplex_angle(k), abs=1e-3)
+
+
+def test_thm1_fails_beyond_p_plus_1():
+    # K = 4 unit vectors in the plane: the best is 90°, below the simplex angle 109.47°
+    res = A.max_min_angle(4, 2, steps=600)
+    assert res.gram_error is None
+    assert math.degrees(res.min_angle) == pytest.approx(90.0, abs=0.5)
+    assert res.min_angle < A.simplex_angle(4) - 0.1
+
+
+def test_relu_counterexample():
+    r = A.relu_counterexample(n=5000)
+    assert r["share_relu"][2] == 0.0  # class 3 unreachable with non-negative features
+    assert (r["w3_minus_wj"] < 0).all()
+    assert (r["share_tanh"] > 0.2).all()
+    w = torch.tensor(r["w"])
+    assert torch.allclose(w @ w.T, L.simplex_gram(3, 1.0, dtype=torch.float64), atol=1e-12)
+
+
+# ---- MMC ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,p,c", [(2, 1, 1.0), (3, 2, 10.0), (10, 200, 10.0), (10, 9, 3.0), (100, 256, 10.0)])
+def test_mmc_centres(k, p, c):
+    mu = A.mmc_centers(k, p, c, dtype=torch.float64)
+    assert torch.allclose(mu.norm(dim=1), torch.full((k,), c, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(mu @ mu.T, L.simplex_gram(k, c, dtype=torch.float64), atol=1e-8 * c * c)
+
+
+def test_mmc_prediction_is_nearest_centre():
+    torch.manual_seed(0)
+    base = _Tiny(k=3, p=4, bias=True)
+    net = A.MMCNet(base, num_classes=3, feature_dim=4, c_mm=2.0)
+    x = torch.randn(64, 2)
+    z = net.features(x)
+    logits = net(x)
+    assert torch.equal(logits.argmax(1), A.mmc_predict(z, net.head.centers))
+    assert torch.allclose(-logits, torch.cdist(z, net.head.centers).pow(2), atol=1e-5)
+    y = torch.randint(0, 3, (64,))
+    ref = 0.5 * (z - net.head.centers[y]).pow(2).sum(1).mean()
+    assert float(L.mmc_loss(net, x, y)) == pytest.approx(float(ref), rel=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        L.mmc_loss(net, x, torch.full((64,), 3))
+    # centres are a buffer, not a parameter: training cannot move them
+    assert all(p.data_ptr() != net.head.centers.data_ptr() for p in net.parameters())
+
+
+def test_pgd_adversarial_loss_restores_mode_and_batchnorm():
+    pytest.importorskip("marginlab.attacks")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8),
+                              torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    net.train()
+    bn = net[2]
+    before = bn.running_mean.clone()
+    loss_fn = L.pgd_adversarial_loss(eps=0.1, steps=3)
+    loss = loss_fn(net, x, y)
+    assert net.training and bn.training
+    assert all(p.grad is None for p in net.parameters())  # the attack does not touch parameter grads
+    # only the training forward pass (one batch) updated the running statistics
+    assert not torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 1
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError):
+        L.pgd_adversarial_loss(eps=-0.1)
+
+
+def test_margin_loss_and_direction():
+    z = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(A.margin_loss(z, y), torch.tensor([-1.0, 3.0]))
+    with pytest.raises(ValueError):
+        A.loss_along_direction(torch.nn.Identity(), z, y, torch.zeros(1), direction="up")
+
+
+def test_thm1_one_dimension_is_enumerated():
+    # S^0 is disconnected (no gradient path): K=2, P=1 must still give the antipodal pair
+    for seed in range(4):
+        res = A.max_min_angle(2, 1, seed=seed)
+        assert res.gram_error == 0.0 and res.min_angle == pytest.approx(math.pi)
+    assert A.max_min_angle(3, 1).min_angle == 0.0
