@@ -89,10 +89,16 @@ def _attack(norm, **kw):
 @pytest.mark.parametrize("norm,eps", [("linf", LINF), ("l2", L2)])
 def test_section6_rules(setup, norm, eps):
     model, x, y, clean = setup
-    acc = attacks.robust_accuracy(model, x, y, _attack(norm), eps)
-    fgsm = attacks.robust_accuracy(model, x, y, functools.partial(attacks.fgsm, norm=norm), eps)
-    more_steps = attacks.robust_accuracy(model, x, y, functools.partial(attacks.pgd, steps=3 * STEPS, norm=norm), eps)
-    restarts = attacks.robust_accuracy(model, x, y, _attack(norm, restarts=3), eps)
+    # raw curves (every example attacked afresh at every eps): their monotonicity tests the attack
+    acc = attacks.robust_accuracy(model, x, y, _attack(norm), eps, nested=False)
+    fgsm = attacks.robust_accuracy(model, x, y, functools.partial(attacks.fgsm, norm=norm), eps, nested=False)
+    more_steps = attacks.robust_accuracy(model, x, y, functools.partial(attacks.pgd, steps=3 * STEPS, norm=norm), eps,
+                                         nested=False)
+    restarts = attacks.robust_accuracy(model, x, y, _attack(norm, restarts=3), eps, nested=False)
+    nested = attacks.robust_accuracy(model, x, y, _attack(norm), eps)
+    # not exactly stronger: the random starts differ when only the survivors are attacked
+    assert all(b <= a + 0.02 for a, b in zip(acc, nested)), ("nested evaluation must not be weaker", acc, nested)
+    assert all(b2 <= b1 for b1, b2 in zip(nested, nested[1:])), "nested curves are monotone by construction"
     unbounded_eps = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
     xu = attacks.pgd(model, x, y, unbounded_eps, 50, norm=norm, loss="margin")
     unbounded = attacks.worst_case_accuracy(model, x, y, [xu])
@@ -275,3 +281,60 @@ def test_clear_errors(setup):
         attacks.minimal_perturbation(model, xs, ys, norm="linf")
     with pytest.raises(AssertionError, match="ball"):  # an attack that cheats is caught
         attacks.robust_accuracy(model, xs, ys, lambda m, a, b, e: (a + 2 * e).clamp(0, 1), [0.1])
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5)])
+def test_pgd_per_example_eps(setup, norm, eps):
+    model, x, y, _ = setup
+    xs, ys = x[:48], y[:48]
+    radii = eps * torch.linspace(0.0, 1.0, len(xs))  # includes a zero radius
+    for kw in (dict(restarts=2), dict(early_stop=False, loss="margin")):
+        xa = attacks.pgd(model, xs, ys, radii, 8, norm=norm, seed=2, **kw)
+        d = attacks.perturbation_norms(xs, xa, norm)
+        assert torch.all(d <= radii.double() * (1 + 1e-5) + 1e-6), "left its own ball"
+        assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+        assert float(d[0]) == 0.0  # eps_i = 0: the clean point
+        # equal radii reproduce the scalar attack (float noise aside)
+        a = attacks.pgd(model, xs, ys, torch.full((len(xs),), eps), 8, norm=norm, seed=2, **kw)
+        b = attacks.pgd(model, xs, ys, eps, 8, norm=norm, seed=2, **kw)
+        assert torch.allclose(a, b, atol=1e-5)
+    # per-example budgets are not all the same strength: bigger radii fool at least as often overall
+    big = attacks.pgd(model, xs, ys, torch.full((len(xs),), eps), 8, norm=norm, seed=2)
+    with torch.no_grad():
+        fooled_big = float((model(big).argmax(1) != ys).float().mean())
+        fooled_mix = float((model(attacks.pgd(model, xs, ys, radii, 8, norm=norm, seed=2)).argmax(1) != ys)
+                           .float().mean())
+    assert fooled_mix <= fooled_big + 0.05
+
+
+def test_pgd_per_example_eps_errors(setup):
+    model, x, y, _ = setup
+    xs, ys = x[:4], y[:4]
+    with pytest.raises(ValueError, match="shape"):
+        attacks.pgd(model, xs, ys, torch.full((3,), 0.1), 3)
+    with pytest.raises(ValueError, match=">= 0"):
+        attacks.pgd(model, xs, ys, torch.tensor([0.1, -0.1, 0.1, 0.1]), 3)
+    with pytest.raises(ValueError, match="NaN"):
+        attacks.pgd(model, xs, ys, torch.tensor([0.1, float("nan"), 0.1, 0.1]), 3)
+    with pytest.raises(ValueError, match="finite"):
+        attacks.pgd(model, xs, ys, torch.tensor([0.1, float("inf"), 0.1, 0.1]), 3)
+    assert torch.equal(attacks.pgd(model, xs, ys, torch.zeros(4), 3), xs)
+
+
+def test_margin_gap_and_correct(setup):
+    z = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    assert torch.allclose(attacks.margin_gap(z, torch.tensor([0, 0])), torch.tensor([-1.0, 3.0]))
+    with pytest.raises(ValueError):
+        attacks.margin_gap(z, torch.tensor([0]))
+    model, x, y, clean = setup
+    model.train()
+    ok = attacks.correct(model, x, y, batch_size=64)
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+    model.eval()
+    assert ok.dtype == torch.bool and ok.shape == y.shape
+    assert float(ok.float().mean()) == pytest.approx(clean)
+    with torch.no_grad():
+        assert torch.equal(ok, attacks.margin_gap(model(x), y) < 0)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError):
+        attacks.correct(model, x, y[:3])

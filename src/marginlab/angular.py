@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config
+from . import attacks, config
 from .losses import angular_penalty, angular_penalty_loss, mmc_loss, pgd_adversarial_loss, simplex_gram
 
 # ============================================================================================
@@ -421,17 +421,6 @@ def train_method(method: str, cfg: Ch5Config, x: torch.Tensor, y: torch.Tensor, 
 # ============================================================================================
 
 
-@torch.no_grad()
-def correct_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Boolean (N,) mask of correctly classified inputs (model in eval mode)."""
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
-    model.train(was)
-    return out == y.cpu()
-
-
 def _dist(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     d = (x_adv - x).flatten(1)
     return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
@@ -444,16 +433,14 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
     Minimal-perturbation attacks (DeepFool, C&W) count an example as robust when the found
     adversarial point is farther than ``spec.eps`` or is not adversarial at all.
     """
-    from . import attacks
-
     if spec.kind == "pgd":
         x_adv = attacks.pgd(model, x, y, spec.eps, spec.steps, step_size=spec.step_size, norm=spec.norm,
                             loss="ce", random_start=True, restarts=1, seed=seed)
-        return x_adv, correct_mask(model, x_adv, y)
+        return x_adv, attacks.correct(model, x_adv, y)
     if spec.kind == "mta":
         x_adv = attacks.multi_target(model, x, y, spec.eps, spec.steps, norm=spec.norm, step_size=spec.step_size,
                                      num_targets=spec.num_targets, seed=seed)
-        return x_adv, correct_mask(model, x_adv, y)
+        return x_adv, attacks.correct(model, x_adv, y)
     if spec.kind == "deepfool":
         x_adv = attacks.deepfool(model, x, y, steps=spec.steps, overshoot=spec.step_size, norm=spec.norm)
     elif spec.kind == "cw":
@@ -461,8 +448,8 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
                               binary_search_steps=spec.binary_search_steps, initial_const=spec.initial_const)
     else:
         raise ValueError(f"unknown attack kind {spec.kind!r}")
-    ok = correct_mask(model, x, y)
-    fooled = ~correct_mask(model, x_adv, y)
+    ok = attacks.correct(model, x, y)
+    fooled = ~attacks.correct(model, x_adv, y)
     within = _dist(x_adv, x, spec.norm) <= spec.eps * (1 + 1e-5)
     return x_adv, ok & ~(fooled & within)
 
@@ -491,13 +478,13 @@ class Evaluation:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: tuple[AttackSpec, ...],
              seed: int = 0) -> Evaluation:
     """Clean correctness and per-attack robustness masks under the suite ``specs``."""
-    ev = Evaluation(correct_mask(model, x, y), {})
+    ev = Evaluation(attacks.correct(model, x, y), {})
     for spec in specs:
         x_adv, rob = run_attack(model, x, y, spec, seed=seed)
         ev.robust[spec.name] = rob & ev.clean
         if spec.kind in ("deepfool", "cw"):
             d = _dist(x_adv, x, spec.norm)
-            d[correct_mask(model, x_adv, y)] = float("inf")  # not adversarial: no distance found
+            d[attacks.correct(model, x_adv, y)] = float("inf")  # not adversarial: no distance found
             d[~ev.clean] = 0.0
             ev.distances[spec.name] = d
     return ev
@@ -529,8 +516,6 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
     * "transfer": PGD examples made on ``source`` (the plain-CE model) (white-box must beat transfer);
     * unbounded: eps = 1 margin-PGD must reach 0% (with the median minimal Linf distortion).
     """
-    from . import attacks
-
     eps_grid = [cfg.eps * i / grid for i in range(grid + 1)]
     steps = cfg.audit_steps
 
@@ -540,13 +525,13 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
     def stronger(m, xb, yb, e):
         xa = pgd_ce(m, xb, yb, e, steps, cfg.audit_restarts, "margin", seed + 1)
         xc = pgd_ce(m, xb, yb, e, steps, cfg.audit_restarts, "ce", seed + 2)
-        ok = correct_mask(m, xa, yb)
+        ok = attacks.correct(m, xa, yb)
         return torch.where(ok.view(-1, *[1] * (xb.dim() - 1)), xc, xa)  # keep whichever fooled
 
     def fgsm(m, xb, yb, e):
         return attacks.fgsm(m, xb, yb, e)
 
-    ev = Evaluation(correct_mask(model, x, y), {})
+    ev = Evaluation(attacks.correct(model, x, y), {})
     curves: dict[str, list[float]] = {}
     named = {"PGD": pgd_ce, "FGSM": fgsm, "stronger": stronger}
     if source is not None:
@@ -559,7 +544,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
                 continue
             xa = atk(model, x, y, e)
             attacks.assert_in_ball(x, xa, e, "linf")
-            rob = correct_mask(model, xa, y) & ev.clean
+            rob = attacks.correct(model, xa, y) & ev.clean
             accs.append(float(rob.float().mean()))
             if e == eps_grid[-1]:
                 ev.robust[{"PGD": f"PGD-CE {max(steps // 2, 1)}", "FGSM": "FGSM",
@@ -586,15 +571,13 @@ def unbounded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, step
     point, then ``halvings`` bisection steps on a per-example eps with the same attack (inf where the
     unbounded attack failed, 0 where the clean input is already wrong). Report its median.
     """
-    from . import attacks
-
     x_adv = attacks.pgd(model, x, y, 1.0, steps, step_size=0.05, loss="margin", random_start=True,
                         restarts=restarts, seed=seed, early_stop=True)
-    fooled = ~correct_mask(model, x_adv, y)
+    fooled = ~attacks.correct(model, x_adv, y)
     pgd_acc = float((~fooled).float().mean())
     # gradient-free fallback (immune to masking): blend towards a correctly classified image of another
     # class, x + t (x_j − x), at the first t on a grid that changes the prediction (t = 1 is x_j itself)
-    ok = correct_mask(model, x, y)
+    ok = attacks.correct(model, x, y)
     if bool((~fooled).any()):
         x_adv = x_adv.clone()
         donors = (ok).nonzero().squeeze(1)
@@ -603,55 +586,30 @@ def unbounded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, step
             if len(cand) == 0:
                 continue
             j = int(cand[(cand - i).abs().argmin()])
-            tgrid = torch.linspace(0.05, 1.0, 20).view(-1, *([1] * (x.dim() - 1)))
+            tgrid = torch.linspace(0.05, 1.0, 20, device=x.device).view(-1, *([1] * (x.dim() - 1)))
             blend = (x[i:i + 1] + tgrid * (x[j:j + 1] - x[i:i + 1])).clamp(0, 1)
-            hit = (~correct_mask(model, blend, y[i].repeat(len(blend)))).nonzero()
+            hit = (~attacks.correct(model, blend, y[i].repeat(len(blend)))).nonzero()
             if len(hit):
                 x_adv[i] = blend[int(hit[0])]
                 fooled[i] = True
     acc = float((~fooled).float().mean())
-    hi = torch.where(fooled, _dist(x_adv, x, "linf").cpu(), torch.full((len(x),), float("inf")))
-    lo = torch.zeros(len(x))
+    hi = torch.where(fooled, _dist(x_adv, x, "linf"), torch.full((len(x),), float("inf"), device=x.device))
+    lo = torch.zeros(len(x), device=x.device)
     live = ok & torch.isfinite(hi)
     for _ in range(halvings):
         if not bool(live.any()):
             break
         mid = (lo + hi) / 2
-        xa = _pgd_per_example_eps(model, x[live], y[live], mid[live], steps=max(steps // 4, 5), seed=seed)
-        f = ~correct_mask(model, xa, y[live])
+        # margin-loss Linf PGD with radius mid_i per example; early stop keeps the first adversarial
+        # iterate, and the result lies in each example's own ball, so "fooled" certifies dist <= mid_i
+        xa = attacks.pgd(model, x[live], y[live], mid[live], max(steps // 4, 5), loss="margin",
+                         random_start=True, restarts=1, seed=seed)
+        f = ~attacks.correct(model, xa, y[live])
         idx = live.nonzero().squeeze(1)
         hi[idx[f]] = mid[idx[f]]
         lo[idx[~f]] = mid[idx[~f]]
     dist = torch.where(ok, hi, torch.zeros_like(hi))
     return {"accuracy": acc, "pgd_accuracy": pgd_acc, "linf_distortion": dist}
-
-
-def _pgd_per_example_eps(model, x, y, eps: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
-    """Margin-loss Linf PGD with a per-example radius (private helper for the bisection)."""
-    was = model.training
-    model.eval()
-    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
-    g = torch.Generator().manual_seed(seed)
-    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * e
-    xa = (x + delta).clamp(0, 1)
-    step = 2.5 * e / steps
-    for _ in range(steps):
-        xa = xa.detach().requires_grad_(True)
-        logits = model(xa)
-        loss = margin_loss(logits, y).sum()
-        (grad,) = torch.autograd.grad(loss, xa)
-        xa = xa.detach() + step * grad.sign()
-        xa = torch.min(torch.max(xa, x - e), x + e).clamp(0, 1)
-    model.train(was)
-    return xa.detach()
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example max_{j≠y} z_j − z_y (positive <=> misclassified); the CW / margin attack objective."""
-    zy = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, y[:, None], float("-inf"))
-    return other.amax(1) - zy
 
 
 def loss_along_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, *,
@@ -677,7 +635,7 @@ def loss_along_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ts:
         for t in ts:
             z = model((x + float(t) * d).clamp(0, 1))
             ce.append(F.cross_entropy(z, y, reduction="none"))
-            mg.append(margin_loss(z, y))
+            mg.append(attacks.margin_gap(z, y))
     model.train(was)
     return {"t": ts, "ce": torch.stack(ce, 1), "margin": torch.stack(mg, 1),
             "grad_zero_frac": (d == 0).float().mean()}
@@ -796,7 +754,7 @@ def run_ablation(cfg: Ch5Config, data, *, alphas=(0.0, 1.0, 100.0), ss=(0.1, 1.0
         else:
             model, _ = train_method("Ours", cfg, xtr, ytr, tag=tag + "-" + "-".join(f"{k}{v}" for k, v in kw.items()),
                                     **kw)
-        ok = correct_mask(model, xte, yte)
+        ok = attacks.correct(model, xte, yte)
         _, rob = run_attack(model, xte, yte, attack, seed=cfg.seed)
         return float(ok.float().mean()), float((rob & ok).float().mean())
 

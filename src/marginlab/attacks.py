@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "margin_gap",
+    "correct",
     "fgsm",
     "pgd",
     "cw_l2",
@@ -101,6 +103,34 @@ def _check_eps(eps: Any, name: str = "eps") -> float:
             "inputs live in [0, 1]"
         )
     return value
+
+
+def _check_eps_vec(eps: Any, n: int, name: str = "eps") -> float | torch.Tensor:
+    """A scalar radius (float) or per-example radii: a 1-D tensor of length ``n`` (returned float32, CPU)."""
+    if isinstance(eps, torch.Tensor) and eps.ndim > 0:
+        if eps.ndim != 1 or eps.shape[0] != n:
+            raise ValueError(f"{name} must be a float or a tensor of shape ({n},), got shape {tuple(eps.shape)}")
+        if eps.is_complex() or eps.dtype == torch.bool:
+            raise ValueError(f"{name} must be real, got dtype {eps.dtype}")
+        e = eps.detach().to(device="cpu", dtype=torch.float64)
+        if bool(torch.isnan(e).any()):
+            raise ValueError(f"{name} contains NaN")
+        if bool((e < 0).any()):
+            raise ValueError(f"{name} must be >= 0, got min {float(e.min())}")
+        if bool(torch.isinf(e).any()):
+            raise ValueError(f"{name} must be finite (inputs live in [0, 1])")
+        return e.to(torch.float32)
+    return _check_eps(eps, name)
+
+
+def _scale(v: float | torch.Tensor, ndim: int) -> float | torch.Tensor:
+    """A scalar as is; per-example values (N,) reshaped to broadcast against a batch of rank ``ndim``."""
+    return _bview(v, ndim) if isinstance(v, torch.Tensor) else v
+
+
+def _take(v: float | torch.Tensor, idx: torch.Tensor) -> float | torch.Tensor:
+    """Per-example values restricted to ``idx`` (a scalar is shared by every example)."""
+    return v[idx] if isinstance(v, torch.Tensor) else v
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -205,11 +235,20 @@ def _flat_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.norm(p=2, dim=1)
 
 
-def _margin_gap(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """max_{j != y} z_j - z_y (Carlini–Wagner's margin on logits; > 0 iff misclassified, ties aside)."""
+def margin_gap(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example max_{j != y} z_j - z_y of logits z (N, K) (Carlini & Wagner 2017's margin, the
+    "margin" loss of :func:`pgd`); > 0 iff misclassified, ties aside. Differentiable."""
+    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"z must be logits of shape (N, K >= 2), got {getattr(z, 'shape', type(z))}")
+    if not isinstance(y, torch.Tensor) or y.shape != (z.shape[0],):
+        raise ValueError(f"y must have shape ({z.shape[0]},), got {getattr(y, 'shape', type(y))}")
+    y = y.to(device=z.device, dtype=torch.long)
     zy = z.gather(1, y[:, None]).squeeze(1)
     other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
     return other - zy
+
+
+_margin_gap = margin_gap  # internal name used by the attacks below
 
 
 def _objective(z: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -223,10 +262,12 @@ def _objective(z: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, lo
     return -_margin_gap(z, target)
 
 
-def _project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project onto the eps-ball around x0, then clamp to [0, 1] (which cannot leave the ball)."""
+def _project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """Project onto the eps-ball around x0 (eps scalar or per example), then clamp to [0, 1]
+    (which cannot leave the ball)."""
     if norm == "linf":
-        out = torch.minimum(torch.maximum(x_adv, x0 - eps), x0 + eps)
+        e = _scale(eps, x0.ndim)
+        out = torch.minimum(torch.maximum(x_adv, x0 - e), x0 + e)
     else:
         delta = x_adv - x0
         n = _flat_norm(delta, "l2")
@@ -235,17 +276,20 @@ def _project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> to
     return out.clamp_(0.0, 1.0)
 
 
-def _random_start(x0: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
-    """A uniform draw from the Linf cube or the L2 ball of radius eps (Madry et al. 2018), clamped to [0, 1]."""
+def _random_start(x0: torch.Tensor, eps: float | torch.Tensor, norm: str, gen: torch.Generator) -> torch.Tensor:
+    """A uniform draw from the Linf cube or the L2 ball of radius eps (Madry et al. 2018), clamped to [0, 1].
+
+    Drawn on the CPU (``eps`` per example must then be on the device of ``x0``; it is moved here)."""
     shape = x0.shape
+    eps_cpu = eps.cpu() if isinstance(eps, torch.Tensor) else eps
     if norm == "linf":
-        delta = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * eps
+        delta = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * _scale(eps_cpu, len(shape))
     else:
         n, d = shape[0], int(x0[0].numel()) if shape[0] else 0
         direction = torch.randn((n, max(d, 1)), generator=gen, dtype=torch.float32)[:, :d]
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
         # radius ~ eps * U^(1/d): the uniform distribution on the ball, not on its centre.
-        radius = eps * torch.rand(n, generator=gen, dtype=torch.float32).pow(1.0 / max(d, 1))
+        radius = eps_cpu * torch.rand(n, generator=gen, dtype=torch.float32).pow(1.0 / max(d, 1))
         delta = (direction * radius[:, None]).view(shape)
     delta = delta.to(device=x0.device, dtype=x0.dtype)
     return _project(x0 + delta, x0, eps, norm)
@@ -268,9 +312,9 @@ def _pgd_run(
     model: Model,
     x0: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int,
-    step_size: float,
+    step_size: float | torch.Tensor,
     norm: str,
     loss: str,
     start: torch.Tensor,
@@ -304,7 +348,7 @@ def _pgd_run(
             obj = _objective(z, yw, tw, loss)
             (grad,) = torch.autograd.grad(obj.sum(), xa)
         if norm == "linf":
-            step = grad.sign_().mul_(step_size)
+            step = grad.sign_().mul_(_scale(step_size, ndim))
         else:
             gn = _flat_norm(grad, "l2").clamp_min(1e-12)
             step = grad.mul_(_bview(step_size / gn, ndim))
@@ -321,6 +365,7 @@ def _pgd_run(
                 out[idx] = x_adv
                 keep = active.nonzero().squeeze(1)
                 idx, x_adv, xw, yw = idx[keep], x_adv[keep], xw[keep], yw[keep]
+                eps, step_size = _take(eps, keep), _take(step_size, keep)
                 tw = None if tw is None else tw[keep]
                 active = active[keep]
                 if n_active == 0:
@@ -335,9 +380,9 @@ def _pgd_restarts(
     model: Model,
     x0: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int,
-    step_size: float,
+    step_size: float | torch.Tensor,
     norm: str,
     loss: str,
     random_start: bool,
@@ -366,11 +411,12 @@ def _pgd_restarts(
                 break
         xs, ys = (x0, y) if idx is None else (x0[idx], y[idx])
         ts = target if (target is None or idx is None) else target[idx]
+        es, ss = (eps, step_size) if idx is None else (_take(eps, idx), _take(step_size, idx))
         if random_start:
-            start = _random_start(xs, eps, norm, gen)
+            start = _random_start(xs, es, norm, gen)
         else:
             start = xs.clone()
-        xr, succ, obj = _pgd_run(model, xs, ys, eps, steps, step_size, norm, loss, start, early_stop, ts,
+        xr, succ, obj = _pgd_run(model, xs, ys, es, steps, ss, norm, loss, start, early_stop, ts,
                                  success_vs_label)
         if idx is None:
             replace = ~best_succ & (succ | (obj > best_obj))
@@ -389,9 +435,9 @@ def pgd(
     model: Model,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int,
-    step_size: float | None = None,
+    step_size: float | torch.Tensor | None = None,
     norm: str = "linf",
     loss: str = "ce",
     random_start: bool = True,
@@ -409,23 +455,32 @@ def pgd(
     attack descend the loss of the target class instead (success = predicted target).
     ``random_start`` draws uniformly in the ball; ``restarts`` keeps the per-example worst case;
     ``early_stop`` freezes each example at its first adversarial iterate. eps=0 returns a copy of x.
+    ``eps`` (and ``step_size``) may also be a tensor (N,) of per-example radii: each example is
+    projected onto its own ball and the default step is 2.5 eps_i / steps (e.g. for a bisection on
+    the minimal distortion); a tensor of equal values gives the float's result up to float noise.
     Computation runs on ``device`` (default: x's device); the result is on x's device.
     """
-    eps = _check_eps(eps)
+    n = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0
+    eps = _check_eps_vec(eps, n)
     steps = _check_int(steps, "steps", 0)
     restarts = _check_int(restarts, "restarts", 1)
     norm, loss = _norm_name(norm), _loss_name(loss)
     if step_size is None:
-        step_size = 2.5 * eps / steps if steps else 0.0
-    step_size = _check_eps(step_size, "step_size")
+        step_size = 2.5 * eps / steps if steps else eps * 0.0
+    step_size = _check_eps_vec(step_size, n, "step_size")
     x0, y0 = _check_inputs(x, y)
     dev = _resolve_device(x, device)
     _check_model_device(model, dev)
     x0, y0 = x0.to(dev), y0.to(dev)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(device=dev, dtype=x0.dtype)
+    if isinstance(step_size, torch.Tensor):
+        step_size = step_size.to(device=dev, dtype=x0.dtype)
     with _attack_mode(model), torch.no_grad():
         k = _check_logits(model(x0[:1]) if len(x0) else torch.zeros(0, 2), y0, min(len(x0), 1))
         target = _check_targets(targeted, y0, k) if targeted is not None else None
-        if eps == 0 or len(x0) == 0:
+        all_zero = bool((eps == 0).all()) if isinstance(eps, torch.Tensor) else eps == 0
+        if all_zero or len(x0) == 0:
             return x.detach().clone()
         gen = torch.Generator().manual_seed(int(seed))
         out, _, _ = _pgd_restarts(model, x0, y0, eps, steps, step_size, norm, loss, random_start, restarts,
@@ -777,6 +832,42 @@ def minimal_perturbation(
     return dist
 
 
+def correct(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Per-example correctness: bool (N,) with argmax model(x) == y, on x's device.
+
+    The model runs in ``eval()`` under no_grad (every submodule's mode restored after), in chunks of
+    ``batch_size`` on ``device`` (default: the device of the model's parameters, else x's device).
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.ndim < 2:
+        raise ValueError("x must be a batch tensor (N, ...) and y a tensor of labels (N,)")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have shape ({x.shape[0]},) matching x, got {tuple(y.shape)}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"labels must be integer class indices (int64), got dtype {y.dtype}")
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    if device is None:
+        p = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        dev = p.device if p is not None else x.device
+    else:
+        dev = torch.device(device)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    out = []
+    with _attack_mode(model), torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            z = model(x[i : i + batch_size].detach().to(dev))
+            yb = y[i : i + batch_size].to(device=z.device, dtype=torch.long)
+            _check_logits(z, yb, yb.shape[0])
+            out.append((z.argmax(dim=1) == yb).to(x.device))
+    return torch.cat(out)
+
+
 def _accuracy(model: Model, x: torch.Tensor, y: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """Per-example correctness (bool) under eval()."""
     with _attack_mode(model), torch.no_grad():
@@ -801,6 +892,7 @@ def robust_accuracy(
     epsilons: Sequence[float],
     batch_size: int | None = None,
     norm: str | None = None,
+    nested: bool = True,
 ) -> list[float]:
     """Accuracy under ``attack(model, x, y, eps) -> x_adv`` for each eps (fractions in [0, 1]).
 
@@ -808,6 +900,12 @@ def robust_accuracy(
     worst case including the clean point). eps == 0 gives the clean accuracy without calling the
     attack. Every x_adv is checked to lie in the eps-ball and [0, 1]: in ``norm`` if given or bound
     in a ``functools.partial``, else in the Linf ball (which contains the L2 ball of equal radius).
+
+    ``nested=True`` (default): the eps-balls are nested, so an adversarial example found at a
+    smaller radius is one at every larger radius too; an example broken at some eps stays broken
+    at all larger eps, and only the examples still robust are attacked at the next radius (cheaper,
+    and never weaker). ``nested=False`` attacks every example afresh at each eps — the raw curve,
+    whose monotonicity is a diagnostic of the attack itself (DESIGN §6).
     """
     x0, y0 = _check_inputs(x, y)
     eps_list = [_check_eps(e) for e in epsilons]
@@ -820,22 +918,29 @@ def robust_accuracy(
     with _attack_mode(model), torch.no_grad():
         _check_logits(model(x0[:1]), y0, 1)
     clean = _accuracy(model, x0, y0, batch_size)
-    out = []
     chunk = n if batch_size is None else batch_size
-    for eps in eps_list:
+    result: dict[int, float] = {}
+    survivors = clean.clone()  # nested: robust at every radius attacked so far
+    order = sorted(range(len(eps_list)), key=lambda k: eps_list[k]) if nested else range(len(eps_list))
+    for k in order:
+        eps = eps_list[k]
         if eps == 0:
-            out.append(float(clean.double().mean()))
+            result[k] = float(clean.double().mean())
             continue
-        robust = clean.clone()
-        for i in range(0, n, chunk):
-            xb, yb = x0[i : i + chunk], y0[i : i + chunk]
+        robust = survivors.clone() if nested else clean.clone()
+        idx = robust.nonzero().flatten()  # misclassified or already-broken examples need no attack
+        for i in range(0, idx.numel(), chunk):
+            sel = idx[i : i + chunk]
+            xb, yb = x0[sel], y0[sel]
             xa = attack(model, xb, yb, eps)
             if not isinstance(xa, torch.Tensor) or xa.shape != xb.shape:
                 raise ValueError(f"the attack must return a tensor of shape {tuple(xb.shape)}")
             assert_in_ball(xb, xa, eps, check_norm)
-            robust[i : i + chunk] &= _accuracy(model, xa.to(xb.device), yb, batch_size)
-        out.append(float(robust.double().mean()))
-    return out
+            robust[sel] &= _accuracy(model, xa.to(xb.device), yb, batch_size)
+        if nested:
+            survivors = robust
+        result[k] = float(robust.double().mean())
+    return [result[k] for k in range(len(eps_list))]
 
 
 def accuracy_at_distances(distances: torch.Tensor | Sequence[float], epsilons: Sequence[float]) -> list[float]:

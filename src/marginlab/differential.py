@@ -563,25 +563,33 @@ def attack_specs(cfg: CifarConfig) -> list[AttackSpec]:
 
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
-    return (model(x).argmax(1) == y01).cpu()
+    from . import attacks
+
+    return attacks.correct(model, x, y01.to(x.device)).cpu()
 
 
 def robustness_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: Sequence[AttackSpec],
                       epsilons: Sequence[float]) -> dict[str, list[float]]:
-    """Accuracy vs Linf eps under each attack and the per-example worst case over all of them (DESIGN §6)."""
+    """Accuracy vs Linf eps under each attack and the per-example worst case over all of them (DESIGN §6).
+
+    The eps-balls are nested, so an example broken at a smaller eps counts as broken at every larger
+    eps (the same adversarial point is feasible there), as in ``attacks.robust_accuracy(nested=True)``.
+    """
     y01 = (torch.as_tensor(y) > 0).long()
     if any(e < 0 for e in epsilons):
         raise ValueError("epsilons must be >= 0")
     clean = _correct(model, x, y01)
-    curves: dict[str, list[float]] = {s.name: [] for s in specs}
-    curves["worst case"] = []
-    for eps in epsilons:
+    survivors = {s.name: clean.clone() for s in specs}
+    curves: dict[str, list[float]] = {name: [0.0] * len(epsilons) for name in [*survivors, "worst case"]}
+    for k in sorted(range(len(epsilons)), key=lambda i: epsilons[i]):
+        eps = float(epsilons[k])
         worst = clean.clone()
         for s in specs:
-            ok = clean & _correct(model, s.run(model, x, y01, float(eps)), y01)
-            curves[s.name].append(float(ok.float().mean()))
-            worst &= ok
-        curves["worst case"].append(float(worst.float().mean()))
+            if eps > 0:
+                survivors[s.name] = survivors[s.name] & _correct(model, s.run(model, x, y01, eps), y01)
+            curves[s.name][k] = float(survivors[s.name].float().mean())
+            worst &= survivors[s.name]
+        curves["worst case"][k] = float(worst.float().mean())
     curves["clean"] = [float(clean.float().mean())] * len(epsilons)
     return curves
 
