@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from marginlab import config
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the unit tests: their models are tiny, so a second thread only adds
+    synchronisation, which costs many times the work when the 2-core runner is shared."""
+    with config.cpu_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

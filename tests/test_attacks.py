@@ -14,15 +14,6 @@ from marginlab import attacks
 N = 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, 2 spinning threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _synthetic(n: int, seed: int = 0):
     """Fallback data: 4 classes of noisy 12x12 templates (used when MARGINLAB_DATA is unset)."""
     templates = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(1234))  # shared by all splits

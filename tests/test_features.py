@@ -10,15 +10,6 @@ from hypothesis import strategies as st
 from marginlab import features, models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny workloads: intra-op threads only add synchronisation (and spin badly on a loaded machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 

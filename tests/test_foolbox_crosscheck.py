@@ -22,15 +22,6 @@ pytestmark = pytest.mark.skipif(
 N = 400  # correctly classified test images attacked by both libraries
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, 2 spinning threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(one_thread):
     from marginlab import data, models, train

@@ -12,15 +12,6 @@ from torch import nn
 from marginlab import attacks, margins
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, 2 spinning threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_binary_linear_margins_exact():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, 7))

@@ -8,15 +8,6 @@ from torch import nn
 from marginlab import losses, models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny workloads: intra-op threads only add synchronisation (and spin badly on a loaded machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _x(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
 

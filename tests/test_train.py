@@ -17,11 +17,6 @@ from marginlab import losses, models, train
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MARGINLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MARGINLAB_DEVICE", raising=False)
-    # tiny models: intra-op threads only add synchronisation (and spin badly on a loaded machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 _CALLS = {"n": 0}  # a module global, not a closure cell: closure values are part of the cache key
