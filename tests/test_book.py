@@ -37,3 +37,13 @@ def test_chapter_download_is_a_real_notebook(built_book: Path):
     assert source.is_file()
     nb = jupytext.read(source)
     assert any(c.cell_type == "code" for c in nb.cells)
+
+
+def test_scorecards_render_as_tables_with_chapter_links(built_book: Path):
+    """Markdown outputs are parsed as MyST, so the scorecards reach the reader as real tables."""
+    page = (built_book / "book" / "scorecard.html").read_text()
+    assert '<table class="table">' in page
+    for stem in ("01_two_point_dynamics", "04_differential_training"):
+        assert f'href="../chapters/{stem}.html"' in page, stem
+    chapter = (built_book / "chapters" / "01_two_point_dynamics.html").read_text()
+    assert "ours (full, stored)" in chapter and '<table class="table">' in chapter

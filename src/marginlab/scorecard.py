@@ -268,8 +268,10 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def book_rows(root: str | os.PathLike | None = None) -> list[dict[str, str]]:
-    """Every chapter's claims, live (quick) and stored (full), for the book's scorecard page."""
+def book_rows(root: str | os.PathLike | None = None, link_chapters: bool = False) -> list[dict[str, str]]:
+    """Every chapter's claims, live (quick) and stored (full), for the book's scorecard page.
+
+    ``link_chapters`` writes each chapter as a Markdown link to its page (relative to ``book/``)."""
     base = config.results_dir(root)
     chapters = sorted({p.stem for prof in ("quick", "full") for p in (base / prof).glob("*.json")})
     rows = []
@@ -281,7 +283,7 @@ def book_rows(root: str | os.PathLike | None = None) -> list[dict[str, str]]:
         for cid in list(q) + [k for k in f if k not in q]:
             c = q.get(cid) or f[cid]
             rows.append({
-                "chapter": chapter,
+                "chapter": f"[{chapter}](../chapters/{chapter}.md)" if link_chapters else chapter,
                 "claim": c["description"],
                 "paper": _fmt(c["paper"]),
                 "ours (quick)": _fmt(q[cid]["ours"]) if cid in q else "not run",
