@@ -50,15 +50,9 @@ def _as_pm1(y, n: int, name: str) -> np.ndarray:
 
 def signed_linear_margins(w: np.ndarray, b: float, X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-example signed distance y_i (w·x_i + b)/‖w‖ to the hyperplane (003 §2, exact for linear f)."""
-    X = _as_2d_float64(X, "X")
-    y = _as_pm1(y, X.shape[0], "y")
-    w = np.asarray(w, dtype=np.float64).reshape(-1)
-    if w.shape[0] != X.shape[1]:
-        raise ValueError(f"w has {w.shape[0]} entries, X has {X.shape[1]} features")
-    norm = np.linalg.norm(w)
-    if norm == 0:
-        raise ValueError("the margin is undefined for w = 0")
-    return y * (X @ w + float(b)) / norm
+    from . import linear
+
+    return linear.margins(w, b, X, y)
 
 
 def svm_margins(X, y, X_test=None, y_test=None) -> dict[str, np.ndarray | float]:

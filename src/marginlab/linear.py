@@ -146,7 +146,7 @@ def margins(w, b, X, y) -> Array:
         raise ValueError(f"w has {w.shape[0]} entries but X has {X.shape[1]} columns")
     nw = np.linalg.norm(w)
     if nw == 0:
-        raise ValueError("w = 0 defines no hyperplane")
+        raise ValueError("the margin is undefined for w = 0: it defines no hyperplane")
     return y * (X @ w + float(b)) / nw
 
 
