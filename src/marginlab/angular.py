@@ -28,11 +28,14 @@ from .losses import angular_penalty, angular_penalty_loss, mmc_loss, pgd_adversa
 # ============================================================================================
 
 
-def _check_kp(num_classes: int, dim: int) -> None:
+def _check_kp(num_classes: int, dim: int, what: str | None = None) -> None:
+    """Validate K and P; with ``what`` also K ≤ P + 1 (002 Thm 1's assumption), naming what needs it."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"K (number of classes) must be an int >= 2, got {num_classes!r}")
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"P (feature dimension) must be an int >= 1, got {dim!r}")
+    if what is not None and num_classes > dim + 1:
+        raise ValueError(f"{what} of K={num_classes} needs P >= K-1 = {num_classes - 1}, got P={dim}")
 
 
 def simplex(num_classes: int, dim: int, s: float = 1.0, *, dtype: torch.dtype = torch.float64,
@@ -42,10 +45,8 @@ def simplex(num_classes: int, dim: int, s: float = 1.0, *, dtype: torch.dtype = 
     Built from the centred basis vectors e_i − 1/K expressed in the Helmert basis of 1^⊥ (so it is
     exact and deterministic). Needs K ≤ P + 1 (002 Thm 1's assumption).
     """
-    _check_kp(num_classes, dim)
+    _check_kp(num_classes, dim, "a regular simplex")
     k = num_classes
-    if k > dim + 1:
-        raise ValueError(f"a regular simplex of K={k} vertices needs P >= K-1 = {k - 1} dimensions, got P={dim}")
     if not s > 0:
         raise ValueError(f"s must be positive, got {s!r}")
     # Helmert rows h_j (j = 1..K-1): orthonormal basis of the sum-zero subspace.
@@ -187,10 +188,8 @@ def mmc_centers(num_classes: int, dim: int, c_mm: float = 10.0, *, dtype: torch.
                 device: torch.device | str | None = None) -> torch.Tensor:
     """Max-Mahalanobis centres (Pang et al. 2018/2020, Algorithm 1): μ_1 = e_1, then μ_i solves
     μ_iᵀμ_j = 1/(1−K) for j < i with ‖μ_i‖ = 1 in the first i coordinates; scaled by C_MM."""
-    _check_kp(num_classes, dim)
+    _check_kp(num_classes, dim, "Max-Mahalanobis centres")
     k = num_classes
-    if k > dim + 1:
-        raise ValueError(f"K={k} Max-Mahalanobis centres need P >= K-1 = {k - 1}, got P={dim}")
     if not c_mm > 0:
         raise ValueError(f"C_MM must be positive, got {c_mm!r}")
     mu = np.zeros((k, dim))
