@@ -1,9 +1,15 @@
 """Profiles, devices, seeds and cache locations.
 
-The profile decides how much work a chapter does: ``quick`` (CPU, minutes,
-small subsets) or ``full`` (GPU, the papers' settings). It is read from
-``MARGINLAB_PROFILE``; without it, ``full`` when CUDA is available, else
-``quick``.
+The profile decides how much work a chapter does:
+
+* ``quick`` (CPU, minutes, small subsets) — a pipeline check, the default on any hardware,
+  so that tests and book builds never start hours of training by surprise;
+* ``standard`` (CPU, under 45 minutes a chapter) — the papers' optimisers, architectures and
+  attack budgets on all locally available data, epochs cut where they do not fit;
+* ``full`` (GPU) — the papers' settings.
+
+It is read from ``MARGINLAB_PROFILE``. ``MARGINLAB_SMOKE=1`` (with ``full``) runs the full
+profile's code paths at toy sizes and writes ``results/smoke/`` instead of ``results/full/``.
 """
 from __future__ import annotations
 
@@ -17,15 +23,25 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "standard", "full")
 T = TypeVar("T")
 
 
+class _AsFull:
+    """Sentinel of :func:`pick`: "the same value as ``full``"."""
+
+    def __repr__(self) -> str:
+        return "AS_FULL"
+
+
+AS_FULL: Any = _AsFull()
+
+
 def profile() -> str:
-    """The active profile: ``$MARGINLAB_PROFILE`` or a default from the hardware."""
+    """The active profile: ``$MARGINLAB_PROFILE``, else ``quick`` (on any hardware)."""
     name = os.environ.get("MARGINLAB_PROFILE", "").strip().lower()
     if not name:
-        return "full" if torch.cuda.is_available() else "quick"
+        return "quick"
     if name not in PROFILES:
         raise ValueError(
             f"MARGINLAB_PROFILE={name!r} is not a profile; choose one of {PROFILES}."
@@ -33,9 +49,41 @@ def profile() -> str:
     return name
 
 
-def pick(quick: T, full: T) -> T:
-    """Return ``quick`` or ``full`` according to the active profile."""
-    return full if profile() == "full" else quick
+def smoke() -> bool:
+    """Whether ``$MARGINLAB_SMOKE`` asks for the full profile's code paths at toy sizes."""
+    raw = os.environ.get("MARGINLAB_SMOKE", "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw not in ("1", "true", "yes"):
+        raise ValueError(f"MARGINLAB_SMOKE={raw!r}: use 1 (on) or 0 (off).")
+    if profile() != "full":
+        raise ValueError(
+            "MARGINLAB_SMOKE=1 shrinks the full profile; set MARGINLAB_PROFILE=full with it "
+            f"(it is {profile()!r})."
+        )
+    return True
+
+
+def run_name() -> str:
+    """Where this run's results go under ``results/``: the profile, or ``smoke``."""
+    return "smoke" if smoke() else profile()
+
+
+def pick(quick: T, full: T, *, standard: T = AS_FULL, smoke: T = AS_FULL) -> T:
+    """The value for the active run.
+
+    ``standard`` and ``smoke`` default to ``full``: the standard profile keeps the papers'
+    optimisers and attack budgets, and the smoke run executes the full profile's code paths;
+    give them explicitly for sizes (epochs, images, steps) that must shrink.
+    """
+    name = run_name()
+    if name == "quick":
+        return quick
+    if name == "standard":
+        return full if standard is AS_FULL else standard
+    if name == "smoke":
+        return full if smoke is AS_FULL else smoke
+    return full
 
 
 def device(name: str | torch.device | None = None) -> torch.device:
@@ -125,6 +173,7 @@ def describe() -> dict[str, Any]:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return {
         "profile": profile(),
+        "smoke": smoke(),
         "device": str(dev),
         "device_name": name,
         "torch": torch.__version__,

@@ -183,7 +183,7 @@ class Scorecard:
         if not chapter or "/" in chapter:
             raise ValueError(f"chapter must be a file stem like '01_two_point_dynamics', got {chapter!r}")
         self.chapter = chapter
-        self.profile = profile or config.profile()
+        self.profile = profile or config.run_name()
         self.seeds = list(seeds)
         self.claims: dict[str, Claim] = {}
         self.records: dict[str, Any] = {}
