@@ -1,13 +1,30 @@
-"""Shared fixtures: the book built once per test session."""
+"""Shared fixtures (one intra-op thread; the book built once per session) and the hypothesis profiles."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from marginlab import config
+
+# Hypothesis profiles. In CI (CI=true, set by .ci/run and by every CI service) the examples are
+# derandomized: the same examples on every run, so a submission's CI cannot fail by the luck of the
+# draw; a local run keeps exploring new examples, which is how the bugs get found. Both print the
+# failing example's reproduction blob (@reproduce_failure) and neither has a per-example deadline or
+# the too-slow health check, which only measure how busy the machine is. HYPOTHESIS_PROFILE picks
+# one explicitly; `pytest --hypothesis-seed=N` replays a local run's exploration.
+_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+# Parent "default" explicitly: hypothesis itself loads its own "ci" profile at import when a CI variable
+# exists (even CI=""), and a profile's unset fields come from the profile loaded when it is registered.
+_BASE = settings.get_profile("default")
+settings.register_profile("ci", _BASE, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", _BASE, **_COMMON)
+_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _CI else "dev"))
 
 ROOT = Path(__file__).resolve().parents[1]
 

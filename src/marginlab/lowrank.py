@@ -71,19 +71,59 @@ def random_feature_problem(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian inputs ``X`` (n, d) labelled by a random linear teacher.
+    """Gaussian inputs ``X`` (n, d) labelled by a random linear teacher; every class is present.
 
-    Labels are class indices in ``0..K-1`` (argmax of a random linear map; for
-    K = 2 the sign of one direction), so the classes are linearly separable in
-    input space. Use :func:`signed_labels` for the ±1 labels of the logistic loss.
+    Labels are class indices in ``0..K-1``, the argmax of a linear map ``X U``
+    (no bias; for K = 2 the sign of one direction), so the classes are
+    linearly separable in input space. ``U`` is Gaussian; when that draw
+    leaves a class empty (a thin cone of the argmax), the teacher is drawn
+    again as ``K`` random inputs scaled to unit length, ``u_c = x_c/‖x_c‖``:
+    input ``x_c`` then scores ``‖x_c‖`` on class ``c`` and ``‖x_c‖ cos θ``
+    on any other, so it is labelled ``c`` and every class occurs. Same seed,
+    same problem. Use :func:`signed_labels` for the ±1 labels of the logistic loss.
+
+    Raises ``ValueError`` when ``K`` classes cannot all occur: ``n < K``, or
+    ``d = 1`` with ``K > 2`` (a bias-free linear map of a scalar has at most two
+    argmax regions, x > 0 and x < 0).
     """
     if n < 2 or d < 1 or num_classes < 2:
         raise ValueError(f"need n >= 2, d >= 1, num_classes >= 2; got n={n}, d={d}, num_classes={num_classes}")
+    if n < num_classes:
+        raise ValueError(f"n={n} inputs cannot hold all num_classes={num_classes} classes; need n >= num_classes")
+    if d == 1 and num_classes > 2:
+        raise ValueError(f"a linear teacher in d=1 labels at most 2 classes; got num_classes={num_classes}")
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=dtype)
     U = torch.randn(d, num_classes, generator=g, dtype=dtype)
     y = (X @ U).argmax(1)
+    if len(torch.unique(y)) == num_classes:  # the usual case; kept as the first draw so old seeds keep their data
+        return X, y
+    # d = 1 (K = 2) needs inputs of both signs; redraw X until there are (each try fails with prob 2^(1-n))
+    for _ in range(64):
+        rows = _distinct_directions(X, num_classes, g)
+        if rows is not None:
+            break
+        X = torch.randn(n, d, generator=g, dtype=dtype)
+    else:
+        raise ValueError(f"no {num_classes} inputs with distinct directions in 64 draws (n={n}, d={d})")
+    U = (X[rows] / X[rows].norm(dim=1, keepdim=True)).T
+    y = (X @ U).argmax(1)
+    if len(torch.unique(y)) != num_classes:  # cannot happen: x_c scores strictly highest on its own u_c
+        raise RuntimeError(f"teacher left a class empty (n={n}, d={d}, num_classes={num_classes}, seed={seed})")
     return X, y
+
+
+def _distinct_directions(X: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Indices of ``k`` rows of ``X`` (in a random order) no two of which point the same way
+    (cosine < 1 − 1e-9), or None when there are fewer such rows."""
+    unit = X / X.norm(dim=1, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    chosen: list[int] = []
+    for i in torch.randperm(len(X), generator=generator).tolist():
+        if X[i].norm() > 0 and all(float(unit[i] @ unit[j]) < 1 - 1e-9 for j in chosen):
+            chosen.append(i)
+            if len(chosen) == k:
+                return torch.tensor(chosen)
+    return None
 
 
 def signed_labels(y: torch.Tensor) -> torch.Tensor:
