@@ -10,6 +10,7 @@ import torch
 
 from marginlab import config, scorecard
 from marginlab.scorecard import NOT_REPRODUCED, NOT_RUN, PARTLY, REPRODUCED, Scorecard
+from marginlab.stats import Estimate
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,54 @@ def test_rule_must_return_a_known_verdict():
         bad(1.0)
 
 
+@pytest.mark.parametrize(
+    "rule, low, high, verdict",
+    [
+        # at_least(90): all of the interval above -> reproduced; straddling -> partly; all below -> not.
+        (scorecard.at_least(90), 91.0, 95.0, REPRODUCED),
+        (scorecard.at_least(90), 88.0, 94.0, PARTLY),
+        (scorecard.at_least(90), 82.0, 88.0, NOT_REPRODUCED),
+        (scorecard.at_least(90), 82.0, 90.0, PARTLY),  # closed bands: touching the threshold counts
+        (scorecard.at_least(90, partly=80), 82.0, 88.0, PARTLY),  # wholly in the partly band
+        (scorecard.at_least(90, partly=80), 70.0, 79.0, NOT_REPRODUCED),
+        (scorecard.at_most(2, partly=4), 1.0, 2.0, REPRODUCED),
+        (scorecard.at_most(2, partly=4), 3.0, 5.0, PARTLY),
+        (scorecard.at_most(2, partly=4), 4.5, 5.0, NOT_REPRODUCED),
+        (scorecard.within(93.65, 1.0, partly=3.0), 93.0, 94.5, REPRODUCED),
+        (scorecard.within(93.65, 1.0, partly=3.0), 92.0, 95.0, PARTLY),
+        (scorecard.within(93.65, 1.0), 95.0, 99.0, NOT_REPRODUCED),
+        (scorecard.within(93.65, 1.0), 90.0, 99.0, PARTLY),  # contains the whole band
+        (scorecard.fraction_true(1.0, 0.5), 0.2, 0.4, NOT_REPRODUCED),
+    ],
+)
+def test_rules_judge_whole_intervals(rule, low, high, verdict):
+    # The point value sits at an end on purpose: only the interval decides.
+    assert rule(Estimate(low, low, high)) == verdict
+    assert rule(Estimate(high, low, high)) == verdict
+
+
+def test_comparison_rules():
+    ce = Estimate(93.0, 90.0, 96.0)
+    assert scorecard.greater_than(ce)(Estimate(98.0, 96.5, 99.0)) == REPRODUCED
+    assert scorecard.greater_than(ce)(Estimate(95.0, 92.0, 97.0)) == PARTLY
+    assert scorecard.greater_than(ce)(Estimate(85.0, 80.0, 89.0)) == NOT_REPRODUCED
+    assert scorecard.less_than(ce)(Estimate(85.0, 80.0, 89.0)) == REPRODUCED
+    assert scorecard.less_than(ce)(Estimate(98.0, 96.5, 99.0)) == NOT_REPRODUCED
+    # A paired difference against 0, and plain numbers.
+    assert scorecard.greater_than(0.0)(Estimate(0.02, 0.01, 0.03, method="bootstrap-paired")) == REPRODUCED
+    assert scorecard.greater_than(0.0)(Estimate(0.01, -0.01, 0.03, method="bootstrap-paired")) == PARTLY
+    assert scorecard.greater_than(3.0)(4.0) == REPRODUCED and scorecard.greater_than(3.0)(3.0) == NOT_REPRODUCED
+    assert scorecard.less_than(3.0)(2) == REPRODUCED and scorecard.greater_than(ce)(94.0) == PARTLY
+    assert scorecard.greater_than(ce, what="CE").description == "ours > CE (intervals disjoint)"
+    with pytest.raises(ValueError, match="other"):
+        scorecard.greater_than("CE")  # type: ignore[arg-type]
+
+
+def test_boolean_rules_refuse_intervals():
+    with pytest.raises(ValueError, match="interval"):
+        scorecard.is_true()(Estimate(1.0, 0.0, 1.0))
+
+
 def test_save_writes_json_with_provenance(tmp_path, monkeypatch):
     monkeypatch.setenv("MARGINLAB_PROFILE", "quick")
     sc = Scorecard("99_example", seeds=[0, 1])
@@ -51,26 +100,83 @@ def test_save_writes_json_with_provenance(tmp_path, monkeypatch):
     prov = data["provenance"]
     assert prov["seeds"] == [0, 1] and prov["seconds"] >= 0 and prov["device"] == str(config.device())
     assert "commit" in prov and prov["profile"] == "quick"
+    assert prov["threads"] == torch.get_num_threads() and "data_sizes" in prov
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_table_shows_stored_full_results(tmp_path, monkeypatch):
+def test_table_shows_stored_runs_in_three_profile_columns(tmp_path, monkeypatch):
     monkeypatch.setenv("MARGINLAB_PROFILE", "full")
     full = Scorecard("99_example")
     full.claim("rank", "rank of features", paper=2, ours=2, rule=scorecard.at_most(2))
     full.save(root=tmp_path)
+    monkeypatch.setenv("MARGINLAB_PROFILE", "standard")
+    std = Scorecard("99_example")
+    std.claim("rank", "rank of features", paper=2, ours=3, rule=scorecard.at_most(2, partly=4))
+    std.save(root=tmp_path)
     monkeypatch.setenv("MARGINLAB_PROFILE", "quick")
     live = Scorecard("99_example")
     live.claim("rank", "rank of features", paper=2, ours=5, rule=scorecard.at_most(2))
     live.claim("other", "a claim only run live", paper=1.0, ours=1.0, rule=scorecard.at_least(1.0))
     rows = live.rows(root=tmp_path)
-    assert rows[0]["ours (full, stored)"] == "2" and rows[0]["verdict"] == "not reproduced (live); reproduced (full)"
-    assert rows[1]["ours (full, stored)"] == "not run"
+    assert list(rows[0]) == ["claim", "paper", "quick (live)", "standard", "full", "rule"]
+    assert rows[0]["quick (live)"] == "5 (not reproduced)"
+    assert rows[0]["standard"] == "3 (partly)" and rows[0]["full"] == "2 (reproduced)"
+    assert rows[1]["standard"] == NOT_RUN and rows[1]["full"] == NOT_RUN
     md = live.to_markdown(root=tmp_path)
-    assert md.splitlines()[0].startswith("| claim | paper | ours (live) | ours (full, stored) | verdict")
+    assert md.splitlines()[0] == "| claim | paper | quick (live) | standard | full | rule |"
+    html = live.to_html(root=tmp_path)
+    assert html.count("<tr>") == 3 and "ml-v-partly" in html and "(live)" in html
     live.save(root=tmp_path)
     book = scorecard.book_rows(root=tmp_path)
-    assert [r["verdict (quick / full)"] for r in book] == ["not reproduced / reproduced", "reproduced / not run"]
+    assert [(r["quick"], r["standard"], r["full"]) for r in book] == [
+        ("5 (not reproduced)", "3 (partly)", "2 (reproduced)"), ("1 (reproduced)", NOT_RUN, NOT_RUN)]
+    entries = scorecard.book_entries(root=tmp_path)
+    assert entries[0]["results"]["standard"]["verdict"] == PARTLY and entries[1]["results"]["full"] is None
+
+
+def test_smoke_runs_get_their_own_column(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARGINLAB_PROFILE", "full")
+    monkeypatch.setenv("MARGINLAB_SMOKE", "1")
+    sc = Scorecard("99_example")
+    sc.claim("a", "a claim", paper=1, ours=1, rule=scorecard.at_least(1))
+    assert sc.profiles() == ["quick", "standard", "full", "smoke"]
+    assert sc.rows(root=tmp_path)[0]["smoke (live)"] == "1 (reproduced)"
+    assert sc.save(root=tmp_path) == tmp_path / "smoke" / "99_example.json"
+
+
+def test_markdown_table_takes_the_union_of_columns():
+    """Regression: chapter 6's Table 1 rows for MNIST and CIFAR have different eps columns."""
+    rows = [{"model": "MNIST", "ε=0.5": 0.9, "ε=1": 0.8}, {"model": "CIFAR", "ε=0.1": 0.7, "ε=1": 0.6}]
+    md = scorecard.markdown_table(rows).splitlines()
+    assert md[0] == "| model | ε=0.5 | ε=1 | ε=0.1 |"
+    assert md[2] == "| MNIST | 0.9 | 0.8 |  |" and md[3] == "| CIFAR |  | 0.6 | 0.7 |"
+
+
+def test_values_that_display_oddly_never_raise():
+    sc = Scorecard("99_example", profile="quick")
+    sc.claim("odd", "a claim with a dict value", paper={"a": [1, 2]}, ours=np.array([1.5, np.nan]),
+             rule=scorecard.Rule("always", lambda v: REPRODUCED))
+    sc.claim("est", "a claim with an interval", paper=90.0, ours=Estimate(93.0, 91.0, 95.0),
+             rule=scorecard.at_least(90))
+    html = sc.to_html(root="/nonexistent")
+    assert "[1.5, None]" in html and "93.0" in html and "[91.0, 95.0]" in html
+
+
+def test_claims_name_their_paper():
+    sc = Scorecard("01_two_point_dynamics", profile="quick")
+    assert sc.claim("a", "001 Fig 1: angle", 90, 89, scorecard.at_least(80)).source == "001"
+    assert sc.claim("b", "eq. 1 of 000: share", 1, 1, scorecard.at_least(1)).source == "000"
+    assert sc.claim("c", "something at t = 1.001", 1, 1, scorecard.at_least(1)).source == "001"  # chapter's paper
+    assert sc.claim("d", "x", 1, 1, scorecard.at_least(1), source="003").source == "003"
+    with pytest.raises(ValueError, match="source"):
+        sc.claim("e", "x", 1, 1, scorecard.at_least(1), source="Nar")
+
+
+def test_chapter_titles_come_from_the_sources(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "chapters" / "03_low_rank.md").write_text("---\nkernelspec: {}\n---\n\n# Low-rank features\n")
+    assert scorecard.chapter_title("03_low_rank", root=tmp_path) == "3. Low-rank features"
+    assert scorecard.chapter_title("04_differential_training", root=tmp_path) == "4. Differential training"
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -105,3 +211,17 @@ def test_seed_everything_is_deterministic():
     assert torch.equal(a, torch.randn(4))
     with pytest.raises(ValueError):
         config.seed_everything(-1)
+
+
+def test_intervals_and_data_sizes_reach_the_results_file(tmp_path, monkeypatch):
+    from marginlab import data
+
+    monkeypatch.setattr(data, "loaded_sizes", lambda: {"cifar10": {"n_train": 1033, "n_test": 207}}, raising=False)
+    sc = Scorecard("99_example", profile="standard")
+    sc.claim("acc", "clean accuracy (%)", 93.65, Estimate(0.93, 0.90, 0.96, n=207).scaled(100),
+             scorecard.within(93.65, 1.0, partly=3.0))
+    data_ = json.loads(sc.save(root=tmp_path).read_text())
+    assert data_["provenance"]["data_sizes"] == {"cifar10": {"n_train": 1033, "n_test": 207}}
+    stored = data_["claims"][0]
+    assert stored["verdict"] == PARTLY and Estimate.from_dict(stored["ours"]) == Estimate(93.0, 90.0, 96.0, n=207)
+    assert scorecard.book_rows(root=tmp_path)[0]["standard"] == "93.0 [90.0, 96.0] (partly)"
