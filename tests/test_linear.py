@@ -130,6 +130,132 @@ def test_corollary1_bound(nx, a, phi):
     assert c2 <= linear.corollary1_cos2_bound(x, -y_p) + 1e-9
 
 
+def _cor1_pair(nx, a, phi):
+    """x of norm nx at angle phi and the paper's y_p with x·y_p = 1 (a: component across x)."""
+    x = nx * np.array([np.cos(phi), np.sin(phi)])
+    perp = np.array([-x[1], x[0]]) / nx
+    return x, x / nx**2 + a * perp
+
+
+@FAST
+@given(st.floats(1e-3, 30), st.floats(-300, 300), st.floats(0, 6.28))
+def test_corollary1_exact_value_and_two_sided_bound(nx, a, phi):
+    x, y_p = _cor1_pair(nx, a, phi)
+    cos2 = np.cos(np.radians(linear.two_point_angle(x, -y_p))) ** 2
+    assert linear.corollary1_cos2(x, -y_p) == pytest.approx(cos2, rel=1e-7, abs=1e-12)
+    # 4/(4 + Q) < cos²ψ ≤ 4/(2 + Q): ψ → 90° iff Q → ∞
+    assert linear.corollary1_cos2_lower_bound(x, -y_p) < cos2 * (1 + 1e-9) + 1e-15
+    assert cos2 <= linear.corollary1_cos2_bound(x, -y_p) * (1 + 1e-9)
+
+
+def test_corollary1_sigma_term_golden():
+    x, y_p = np.array([1.0, 0.0]), np.array([1.0, 3.0])  # σ_x = 2, σ_y = 11
+    assert linear.corollary1_sigma_term(x, -y_p) == pytest.approx(11 / 2 * (1 - 1 / 2))
+    exact = 4 / (13 * (1 / 4 + 2 / 22 + 10 / 121))
+    assert linear.corollary1_cos2(x, -y_p) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("theta_deg", [0.0, 30.0, 60.0, 80.0])
+def test_corollary1_small_x_limit(theta_deg):
+    t = np.radians(theta_deg)
+    c = 1 / np.cos(t)
+    limit = linear.corollary1_small_x_limit(c)
+    errs = []
+    for eps in (1e-1, 1e-2, 1e-3, 1e-4):
+        x, y_p = eps * np.array([1.0, 0.0]), np.array([1.0, np.tan(t)]) / eps   # x·y_p = 1, ||x||·||y_p|| = c
+        errs.append(abs(linear.two_point_angle(x, -y_p) - limit))
+    assert errs[-1] < 1e-4 and errs[-1] <= errs[0]
+    assert 0 <= limit < 90
+
+
+def test_corollary1_small_x_limit_golden():
+    assert linear.corollary1_small_x_limit(1.0) == pytest.approx(0.0, abs=1e-6)
+    assert linear.corollary1_small_x_limit(2.0) == pytest.approx(np.degrees(np.arccos(2 / np.sqrt(7))), rel=1e-12)
+    assert linear.corollary1_small_x_limit(1e8) == pytest.approx(90.0, abs=1e-5)
+    with pytest.raises(ValueError, match="norm_product"):
+        linear.corollary1_small_x_limit(0.5)
+
+
+@FAST
+@given(st.floats(1e-2, 10), st.floats(-100, 100), st.floats(0, 6.28))
+def test_two_point_augmented_angle_closed_form(nx, a, phi):
+    # with x·y_p = 1 (σ_xy = 0) the augmented limit is x̄/σ_x + ȳ/σ_y and cos² of its angle to x̄ + ȳ is 4σ_xσ_y/(σ_x+σ_y)²
+    x, y_p = _cor1_pair(nx, a, phi)
+    sx, sy = x @ x + 1, y_p @ y_p + 1
+    cos2 = np.cos(np.radians(linear.two_point_angle(x, -y_p, augmented=True))) ** 2
+    assert cos2 == pytest.approx(4 * sx * sy / (sx + sy) ** 2, rel=1e-7, abs=1e-12)
+
+
+def test_collinear_pair_weight_angle_zero_augmented_angle_to_90():
+    for eps in (1e-1, 1e-2, 1e-3):
+        x, y_p = np.array([eps, 0.0]), np.array([1 / eps, 0.0])
+        assert linear.two_point_angle(x, -y_p) == pytest.approx(0.0, abs=1e-6)
+        assert linear.two_point_angle(x, -y_p, augmented=True) > 90 - 200 * eps
+        # ... while the cross-entropy [w, b] equals the SVM's [w, b] (two active constraints fix both)
+        w, b = linear.svm(np.vstack([x, -y_p]), np.array([1.0, -1.0]))
+        np.testing.assert_allclose(linear.two_point_limit(x, -y_p), np.append(w, b), rtol=1e-5, atol=1e-8)
+
+
+@FAST
+@given(st.integers(0, 100_000))
+def test_near_subspace_summary_slack_at_least_gap(seed):
+    X, y, R, dl = linear.random_near_subspace_instance(seed)
+    r = linear.near_subspace_summary(X, y, R, dl)
+    tol = 1e-6 / r["margin"] ** 2
+    assert r["margin"] <= r["bound"] * (1 + 1e-6) and r["margin"] <= r["svm_margin"] * (1 + 1e-6)
+    assert r["slack"] >= r["gap"] - tol                        # equality iff w̄ = Σ max(BΔ_k, 0) r_k
+    assert (r["bound"] == np.inf) == (r["signs"] == "all <= 0")
+    if r["signs"] == "all >= 0":
+        assert r["printed_holds"] and r["printed_bound"] == pytest.approx(r["bound"], rel=1e-12)
+    assert r["bound"] == pytest.approx(linear.near_subspace_bound(X, y, R, dl), rel=1e-5)
+    assert r["printed_bound"] == pytest.approx(linear.near_subspace_bound_as_stated(X, y, R, dl), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed,k,d", [(0, 1, 2), (1, 2, 5), (2, 3, 4)])
+def test_near_subspace_bound_attained(seed, k, d):
+    X, y, R, dl = linear.near_subspace_attaining_instance(14, k, d, seed=seed)
+    r = linear.near_subspace_summary(X, y, R, dl)
+    assert r["signs"] == "all >= 0" and r["gap"] < 1e-9
+    assert r["margin"] == pytest.approx(r["bound"], rel=1e-6)
+    assert r["margin"] == pytest.approx((1 + dl @ dl) / np.linalg.norm(dl), rel=1e-6)
+    assert r["B"] == pytest.approx(1 / (1 + dl @ dl), rel=1e-5)
+
+
+def test_near_subspace_printed_bound_can_hold_with_negative_terms():
+    # some BΔ_k < 0 is outside the printed proof but not always a failure: both outcomes occur
+    outcomes = set()
+    for seed in range(40):
+        r = linear.near_subspace_summary(*linear.random_near_subspace_instance(seed))
+        if r["signs"] != "all >= 0":
+            outcomes.add(r["printed_holds"])
+    assert outcomes == {True, False}
+
+
+@FAST
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 6), st.floats(0.0, 20.0))
+def test_p2_margin_depends_on_offset_only_through_its_norm(seed, m1, m2, norm):
+    rng = np.random.default_rng(seed)
+    X, y, _, _ = linear.affine_subspace_instance(10, 2, 3, shift=0.0, seed=seed)
+    P = X @ np.linalg.svd(X)[2][:2].T + rng.normal(0, 5, 2)
+    u1, u2 = rng.normal(size=m1), rng.normal(size=m2)
+    u1 *= norm / np.linalg.norm(u1)
+    u2 *= norm / np.linalg.norm(u2)
+    X1, R1, d1 = linear.offset_embedding(P, u1)
+    X2, R2, d2 = linear.offset_embedding(P, u2, rotation_seed=seed)
+    np.testing.assert_allclose(X2 @ R2.T, np.broadcast_to(d2, (len(y), m2)), atol=1e-9)   # on the subspace
+    m_1, m_2 = linear.bias_penalized_margin(X1, y), linear.bias_penalized_margin(X2, y)
+    assert m_1 == pytest.approx(m_2, rel=1e-5)
+    assert m_1 == pytest.approx(linear.offset_margin(P, y, norm), rel=1e-5)
+
+
+def test_offset_margin_limits():
+    X, y, _, _ = linear.affine_subspace_instance(12, 2, 3, shift=0.0, seed=3)
+    P = X @ np.linalg.svd(X)[2][:2].T + np.array([4.0, -2.0])
+    assert linear.offset_margin(P, y, 0.0) == pytest.approx(linear.bias_penalized_margin(P, y), rel=1e-5)
+    gamma = linear.margin(*linear.svm(P, y), P, y)
+    assert linear.offset_margin(P, y, 1e4) == pytest.approx(gamma, rel=1e-4)   # the bias becomes free: P1
+
+
 def test_differential_gd_and_bias():
     X, y = _blobs(4, d=2)
     w = linear.differential_gd(X, y, steps=300, lr=1e-3)
@@ -169,4 +295,15 @@ def test_errors():
         linear.affine_subspace_bound(Xb, yb, R, dl)
     with pytest.raises(ValueError, match="x·"):
         linear.corollary1_cos2_bound(np.array([1.0, 0.0]), np.array([2.0, 0.0]))
+    with pytest.raises(ValueError, match="x·"):
+        linear.corollary1_cos2(np.array([1.0, 0.0]), np.array([2.0, 0.0]))
+    with pytest.raises(ValueError, match="offset"):
+        linear.offset_embedding(np.zeros((3, 2)), np.zeros(0))
+    with pytest.raises(ValueError, match="offset_norm"):
+        linear.offset_margin(*_blobs(0), -1.0)
+    with pytest.raises(ValueError, match="max_k"):
+        linear.random_near_subspace_instance(0, max_k=0)
+    with pytest.raises(ValueError, match="near-subspace"):
+        Xb, yb = _blobs(0)
+        linear.near_subspace_summary(Xb, yb, np.eye(3)[:1], [1e3])
     assert not linear.is_separable(X, xor) and linear.is_separable(*_blobs(1))

@@ -33,10 +33,12 @@ Array = np.ndarray
 __all__ = [
     "check_data", "augment", "is_separable", "svm", "bias_penalized_svm", "margin", "margins", "angle",
     "two_point_limit", "two_point_regime", "two_point_angle", "corollary1_cos2_bound",
+    "corollary1_cos2", "corollary1_sigma_term", "corollary1_cos2_lower_bound", "corollary1_small_x_limit",
     "logistic_gd", "logistic_path", "differential_gd", "differential_path", "differential_bias",
     "affine_hull", "affine_subspace_bound", "near_subspace_bound", "near_subspace_bound_as_stated",
+    "near_subspace_summary", "bias_penalized_margin", "offset_embedding", "offset_margin",
     "one_step_condition", "one_step_separates", "confidence", "gaussian_two_class",
-    "affine_subspace_instance",
+    "affine_subspace_instance", "random_near_subspace_instance", "near_subspace_attaining_instance",
 ]
 
 
@@ -216,28 +218,85 @@ def two_point_limit(x, y, bias: bool = True) -> Array:
     return ((s_long - sxy) * short + (s_short - sxy) * long_) / det
 
 
-def two_point_angle(x, y, degrees: bool = True) -> float:
-    """Angle ψ between the weight part of the Thm 1 limit and the SVM direction x − y_neg
-    (the paper's x + y) — 001 Cor 1."""
+def two_point_angle(x, y, degrees: bool = True, augmented: bool = False) -> float:
+    """Angle ψ between the Thm 1 limit and the SVM direction x − y_neg (the paper's x + y) — 001 Cor 1.
+
+    By default the weight part of the limit (the normal of the decision boundary, as in the
+    paper's proof) is compared with x − y_neg in R^d. ``augmented=True`` compares the whole
+    limit [w, b] with x̄ + ȳ = [x − y_neg, 0] in R^(d+1) instead: a different angle, which is not
+    the angle between decision boundaries.
+    """
     lim = two_point_limit(x, y)
-    return angle(lim[:-1], np.asarray(x, float) - np.asarray(y, float), degrees=degrees)
+    svm_dir = np.asarray(x, float).ravel() - np.asarray(y, float).ravel()
+    if augmented:
+        return angle(lim, np.append(svm_dir, 0.0), degrees=degrees)
+    return angle(lim[:-1], svm_dir, degrees=degrees)
+
+
+def _corollary1_sigmas(x, y, tol: float) -> tuple[float, float]:
+    """σ_x = ||x||² + 1 and σ_y = ||y_p||² + 1 (y_p = −y_neg, the paper's y), after checking x·y_p = 1."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    yp = -np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != yp.shape or x.size == 0:
+        raise ValueError(f"x and y must be 1-D vectors of the same length, got {x.shape} and {yp.shape}")
+    if abs(x @ yp - 1.0) > tol * max(1.0, abs(x @ yp)):
+        raise ValueError(f"Corollary 1 needs x·(−y) = 1, got {x @ yp:.6g}")
+    return float(x @ x + 1.0), float(yp @ yp + 1.0)
+
+
+def corollary1_cos2(x, y, tol: float = 1e-9) -> float:
+    """Exact cos²ψ of 001 Cor 1 (its proof, App. B): if x·y_p = 1 (y_p = −y_neg), then σ_xy = 0, the
+    weight part of the limit is x/σ_x + y_p/σ_y, its inner product with x + y_p is 2, ||x + y_p||² = σ_x + σ_y, so
+
+    cos²ψ = 4 / [(σ_x+σ_y)((σ_x−1)/σ_x² + 2/(σ_xσ_y) + (σ_y−1)/σ_y²)],  σ_x = ||x||²+1, σ_y = ||y_p||²+1.
+    """
+    sx, sy = _corollary1_sigmas(x, y, tol)
+    return 4.0 / ((sx + sy) * ((sx - 1) / sx**2 + 2 / (sx * sy) + (sy - 1) / sy**2))
+
+
+def corollary1_sigma_term(x, y, tol: float = 1e-9) -> float:
+    """Q = (σ_max/σ_min)(1 − 1/σ_min), the term of 001 Cor 1's bound cos²ψ ≤ 4/(2 + Q).
+
+    Expanding the denominator of :func:`corollary1_cos2` gives cos²ψ = 4/(2 + Q + E) with
+    E = (σ_min/σ_max)(1 − 1/σ_max) + 1/σ_min + 1/σ_max ∈ (0, 2), hence 4/(4 + Q) < cos²ψ ≤ 4/(2 + Q):
+    ψ → 90° if and only if Q → ∞.
+    """
+    sx, sy = _corollary1_sigmas(x, y, tol)
+    smin, smax = min(sx, sy), max(sx, sy)
+    return (smax / smin) * (1.0 - 1.0 / smin)
 
 
 def corollary1_cos2_bound(x, y, tol: float = 1e-9) -> float:
     """001 Cor 1 (re-derived): if x·y_p = 1 (y_p = −y_neg, the paper's y), then
-    cos²ψ ≤ 4 / (2 + (σ_max/σ_min)(1 − 1/σ_min)) with σ_x = ||x||²+1, σ_y = ||y||²+1.
+    cos²ψ ≤ 4 / (2 + Q), Q = (σ_max/σ_min)(1 − 1/σ_min), σ_x = ||x||²+1, σ_y = ||y_p||²+1.
 
-    Exact value behind it: cos²ψ = 4 / [(σ_x+σ_y)((σ_x−1)/σ_x² + 2/(σ_xσ_y) + (σ_y−1)/σ_y²)].
-    Note: the bound tends to 0 (ψ → 90°) only if (σ_max/σ_min)(1 − 1/σ_min) → ∞, e.g. ||x|| fixed
-    and ||y|| → ∞; ||x||/||y|| → 0 alone does not suffice (x = εe, y_p = e/ε gives ψ = 0).
+    The exact value is :func:`corollary1_cos2`; :func:`corollary1_cos2_lower_bound` brackets it from
+    below. The bound tends to 0 (ψ → 90°) only if Q → ∞, e.g. ||x|| fixed and ||y|| → ∞;
+    ||x||/||y|| → 0 alone does not suffice (x = εe, y_p = e/ε gives ψ = 0).
     """
-    x = np.asarray(x, dtype=np.float64).ravel()
-    yp = -np.asarray(y, dtype=np.float64).ravel()
-    if abs(x @ yp - 1.0) > tol * max(1.0, abs(x @ yp)):
-        raise ValueError(f"Corollary 1 needs x·(−y) = 1, got {x @ yp:.6g}")
-    sx, sy = x @ x + 1.0, yp @ yp + 1.0
-    smin, smax = min(sx, sy), max(sx, sy)
-    return 4.0 / (2.0 + (smax / smin) * (1.0 - 1.0 / smin))
+    return 4.0 / (2.0 + corollary1_sigma_term(x, y, tol))
+
+
+def corollary1_cos2_lower_bound(x, y, tol: float = 1e-9) -> float:
+    """A lower bound 4/(4 + Q) < cos²ψ under 001 Cor 1's condition x·y_p = 1 (see :func:`corollary1_sigma_term`).
+
+    With the upper bound 4/(2 + Q) it shows that Q → ∞ is necessary as well as sufficient for ψ → 90°.
+    """
+    return 4.0 / (4.0 + corollary1_sigma_term(x, y, tol))
+
+
+def corollary1_small_x_limit(norm_product, degrees: bool = True) -> float:
+    """lim ψ of 001 Cor 1 when ||x|| → 0 with x·y_p = 1 and ||x||·||y_p|| → c (c ≥ 1).
+
+    Then σ_min = σ_x → 1, σ_y ||x||² → c², and :func:`corollary1_cos2` tends to 4/(3 + c²):
+    ψ → arccos(2/√(3 + c²)). Because x·y_p = 1, c = 1/cos∠(x, y_p): ψ → 0 for collinear points,
+    ψ → 90° only as x and y_p become orthogonal (c → ∞), and strictly in between otherwise.
+    """
+    c = float(norm_product)
+    if not (math.isfinite(c) and c >= 1.0 - 1e-12):
+        raise ValueError(f"norm_product must be a finite number ≥ 1 (x·y = 1 forces ||x||·||y|| ≥ 1), got {norm_product!r}")
+    a = math.acos(min(1.0, 2.0 / math.sqrt(3.0 + c * c)))
+    return math.degrees(a) if degrees else a
 
 
 # ---- gradient descent / gradient flow --------------------------------------------------------------
@@ -442,8 +501,11 @@ def _check_near(X, y, R, delta, tol):
     scale = tol * max(1.0, float(np.abs(X).max()))
     if np.any(proj[y > 0] < -scale) or np.any(proj[y < 0] > scale):
         raise ValueError("near-subspace condition violated: need ⟨r_k, x_i⟩ ≥ Δ_k on class +1 and ≤ Δ_k on class −1")
-    _, B = bias_penalized_svm(X, y)
-    return X, y, R, delta, B
+    return X, y, R, delta
+
+
+def _inverse_sqrt_or_inf(s: float) -> float:
+    return math.inf if s == 0 else 1.0 / math.sqrt(s)
 
 
 def near_subspace_bound(X, y, R, delta, tol: float = 1e-9) -> float:
@@ -453,19 +515,103 @@ def near_subspace_bound(X, y, R, delta, tol: float = 1e-9) -> float:
     The KKT argument gives ⟨w̄, r_k⟩ ≥ BΔ_k, which bounds ⟨w̄, r_k⟩² from below only where BΔ_k ≥ 0.
     The papers' 1/√(B²ΣΔ_k²) (:func:`near_subspace_bound_as_stated`) assumes that for every k; their
     reduction "w.l.o.g. B ≥ 0" flips the sign of Δ_k too, so it does not remove the assumption.
-    Returns inf when no term is positive.
+    Returns inf when no term is positive. Equality holds iff w̄ = Σ_k max(BΔ_k, 0) r_k
+    (see :func:`near_subspace_summary`).
     """
-    _, _, _, delta, B = _check_near(X, y, R, delta, tol)
-    s = float(np.sum(np.maximum(B * delta, 0.0) ** 2))
-    return math.inf if s == 0 else 1.0 / math.sqrt(s)
+    X, y, R, delta = _check_near(X, y, R, delta, tol)
+    _, B = bias_penalized_svm(X, y)
+    return _inverse_sqrt_or_inf(float(np.sum(np.maximum(B * delta, 0.0) ** 2)))
 
 
 def near_subspace_bound_as_stated(X, y, R, delta, tol: float = 1e-9) -> float:
-    """000 Cor 1 / 001 Thm 4 exactly as printed: 1/√(B² Σ_k Δ_k²). Valid when BΔ_k ≥ 0 for all k
-    (see :func:`near_subspace_bound`); it can fail otherwise."""
-    _, _, _, delta, B = _check_near(X, y, R, delta, tol)
-    s = float(B**2 * (delta @ delta))
-    return math.inf if s == 0 else 1.0 / math.sqrt(s)
+    """000 Cor 1 / 001 Thm 4 exactly as printed: 1/√(B² Σ_k Δ_k²). Its proof needs BΔ_k ≥ 0 for all k
+    (see :func:`near_subspace_bound`); that is sufficient, not necessary: it can fail otherwise."""
+    X, y, R, delta = _check_near(X, y, R, delta, tol)
+    _, B = bias_penalized_svm(X, y)
+    return _inverse_sqrt_or_inf(float(B**2 * (delta @ delta)))
+
+
+def near_subspace_summary(X, y, R, delta, tol: float = 1e-9) -> dict:
+    """Every quantity of the near-subspace bound (000 Cor 1 = 001 Thm 4) on one instance, from one P2 solve.
+
+    Keys: ``margin`` (P2 = cross-entropy margin 1/||w̄||), ``svm_margin`` γ, ``B``, ``bound``
+    (corrected, :func:`near_subspace_bound`), ``printed_bound`` (:func:`near_subspace_bound_as_stated`),
+    ``signs`` ("all >= 0" when every BΔ_k ≥ 0 — the printed proof's assumption —, "all <= 0" when
+    every BΔ_k ≤ 0 and the corrected bound is infinite, else "mixed"), ``printed_holds``, and
+    ``slack`` = 1/margin² − 1/bound² and ``gap`` = ||w̄ − Σ_k c_k r_k||², c_k = max(BΔ_k, 0).
+
+    Re-derived: with a_k = ⟨w̄, r_k⟩ ≥ BΔ_k, slack − gap = 2Σ_k c_k(a_k − c_k) ≥ 0, so the bound is
+    attained iff w̄ = Σ_k c_k r_k (``gap`` = 0), and the slack is at least the squared distance of w̄
+    from that vector.
+    """
+    X, y, R, delta = _check_near(X, y, R, delta, tol)
+    w, B = bias_penalized_svm(X, y)
+    ws, _ = svm(X, y)
+    c = np.maximum(B * delta, 0.0)
+    bd = B * delta
+    scale = max(1.0, float(np.abs(bd).max()) if bd.size else 1.0) * 1e-12
+    if np.all(bd >= -scale):
+        signs = "all >= 0"
+    elif np.all(bd <= scale):
+        signs = "all <= 0"
+    else:
+        signs = "mixed"
+    margin_ = 1.0 / float(np.linalg.norm(w))
+    bound = _inverse_sqrt_or_inf(float(c @ c))
+    printed = _inverse_sqrt_or_inf(float(B**2 * (delta @ delta)))
+    return {
+        "margin": margin_, "svm_margin": 1.0 / float(np.linalg.norm(ws)), "B": float(B),
+        "bound": bound, "printed_bound": printed, "signs": signs,
+        "printed_holds": bool(margin_ <= printed * (1 + 1e-6)),
+        "slack": float(w @ w - c @ c), "gap": float(np.sum((w - R.T @ c) ** 2)),
+    }
+
+
+# ---- offsets from the origin: the codimension question (000 Remark 1 = 001 Remark 3) ---------------------------
+
+
+def bias_penalized_margin(X, y) -> float:
+    """Margin 1/||w̄|| of the bias-penalised problem P2 (the limit of cross-entropy GD with a bias)."""
+    w, b = bias_penalized_svm(X, y)
+    return margin(w, b, X, y)
+
+
+def offset_embedding(P, offset, rotation_seed: int | None = None) -> tuple[Array, Array, Array]:
+    """Points with in-subspace coordinates ``P`` (n, k) placed on a k-dim affine subspace of R^(k+m) at
+    offset Δ = ``offset`` (m,) from the origin: x = [p, Δ] (optionally rotated by a random orthogonal
+    matrix). Returns X (n, k+m), the normals R (m, k+m) and Δ, as taken by :func:`affine_subspace_bound`.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    offset = np.atleast_1d(np.asarray(offset, dtype=np.float64))
+    if P.ndim != 2 or offset.ndim != 1 or offset.size == 0:
+        raise ValueError(f"P must be (n, k) and offset a non-empty vector, got {P.shape} and {offset.shape}")
+    n, k = P.shape
+    m = offset.size
+    X = np.hstack([P, np.broadcast_to(offset, (n, m))])
+    R = np.hstack([np.zeros((m, k)), np.eye(m)])
+    if rotation_seed is not None:
+        Q, _ = np.linalg.qr(np.random.default_rng(rotation_seed).standard_normal((k + m, k + m)))
+        X, R = X @ Q.T, R @ Q.T
+    return X, R, offset.copy()
+
+
+def offset_margin(P, y, offset_norm: float) -> float:
+    """P2 margin of :func:`offset_embedding` data, from the in-subspace coordinates and ||Δ|| alone.
+
+    Re-derived: in the augmented space every point is [p, Δ, 1]; the last m+1 coordinates are the same
+    vector (Δ, 1) for all points, and a rotation (P2 is the SVM through 0 on augmented points, hence
+    rotation invariant) turns it into (s, 0, …, 0), s = √(1 + ||Δ||²). So P2 equals the SVM through the
+    origin on [p, s], with solution (v, β); mapping back, w̄ = [v, βΔ/s] and the margin is
+    1/√(||v||² + β²||Δ||²/s²). It depends on Δ only through ||Δ||, whatever the codimension m.
+    """
+    P, y = check_data(P, y)
+    d = float(offset_norm)
+    if not (math.isfinite(d) and d >= 0):
+        raise ValueError(f"offset_norm must be a finite number ≥ 0, got {offset_norm!r}")
+    s = math.sqrt(1.0 + d * d)
+    u, _ = svm(np.hstack([P, np.full((P.shape[0], 1), s)]), y, bias=False)
+    v, beta = u[:-1], u[-1]
+    return 1.0 / math.sqrt(float(v @ v) + (beta * d / s) ** 2)
 
 
 # ---- one-step separation of differential SGD (000 Thm 3 = 001 Thm 6) ----------------------------------
@@ -540,4 +686,53 @@ def affine_subspace_instance(n: int, k: int, d: int, shift: float | Array, gap: 
     y = np.where(s >= np.median(s), 1.0, -1.0)
     C += np.outer(y * gap, v)
     X = C @ U + delta @ R
+    return X, y, R, delta
+
+
+def random_near_subspace_instance(seed: int, max_k: int = 3, max_codim: int = 4) -> tuple[Array, Array, Array, Array]:
+    """A random instance for the near-subspace bound (000 Cor 1 = 001 Thm 4), all drawn from ``seed``.
+
+    k ∈ [1, max_k], codimension m ∈ [1, max_codim], 6–24 points of :func:`affine_subspace_instance`
+    at Gaussian offsets Δ_k ~ N(0, 2²), moved along the subspace by U(0, 10) (top in-subspace
+    principal direction), then pushed off it one-sidedly: class +1 up and class −1 down along every
+    r_k by |N(0, 0.5²)|, so ⟨r_k, x_i⟩ ≥ Δ_k ≥ ⟨r_k, y_j⟩. Returns X, y, R, delta.
+    """
+    if max_k < 1 or max_codim < 1:
+        raise ValueError(f"max_k and max_codim must be ≥ 1, got {max_k} and {max_codim}")
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, max_k + 1))
+    d = k + int(rng.integers(1, max_codim + 1))
+    n = int(rng.integers(6, 25))
+    X, y, R, delta = affine_subspace_instance(n, k, d, shift=rng.normal(0, 2, d - k), seed=int(rng.integers(2**31)))
+    X = X + rng.uniform(0, 10) * np.linalg.svd(X - X.mean(0))[2][0]
+    X = X + (np.abs(rng.normal(0, 0.5, (n, d - k))) * y[:, None]) @ R
+    return X, y, R, delta
+
+
+def near_subspace_attaining_instance(n: int, k: int, d: int, seed: int = 0) -> tuple[Array, Array, Array, Array]:
+    """An instance on which the near-subspace bound is attained: margin = 1/√(Σ max(BΔ_k, 0)²).
+
+    Construction (re-derived): Δ_k > 0, one class +1 point at the foot x_1 = Σ_k Δ_k r_k of the
+    subspace, the other class +1 points above it (⟨r_k, x⟩ ≥ Δ_k) and the class −1 points far below
+    (⟨r_k, y⟩ = −αΔ_k − s_k, α ≥ 1 + 2/||Δ||², s_k ≥ 0), all with Gaussian in-subspace coordinates. Then
+    w̃ = x̄_1/||x̄_1||² (the minimum-norm vector with w̃·x̄_1 ≥ 1) meets every constraint, so it solves P2:
+    w̄ = x_1/(1 + ||Δ||²) = Σ_k BΔ_k r_k with B = 1/(1 + ||Δ||²), and margin = bound = (1 + ||Δ||²)/||Δ||.
+    Returns X, y, R, delta.
+    """
+    if not (1 <= k < d) or n < 2:
+        raise ValueError(f"need 1 ≤ k < d and n ≥ 2, got n={n}, k={k}, d={d}")
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    U, R = Q[:, :k].T, Q[:, k:].T
+    m = d - k
+    delta = rng.uniform(0.2, 2.0, m)
+    n_pos = max(1, n // 2)
+    s_pos = np.abs(rng.normal(0, 1, (n_pos, m)))
+    s_pos[0] = 0.0                                                   # x_1: the foot of the subspace
+    g_pos = rng.normal(0, 3, (n_pos, k))
+    g_pos[0] = 0.0
+    alpha = 1.0 + 2.0 / float(delta @ delta) + rng.uniform(0, 2, n - n_pos)
+    offs_neg = -alpha[:, None] * delta[None, :] - np.abs(rng.normal(0, 1, (n - n_pos, m)))
+    X = np.vstack([g_pos @ U + (delta + s_pos) @ R, rng.normal(0, 3, (n - n_pos, k)) @ U + offs_neg @ R])
+    y = np.r_[np.ones(n_pos), -np.ones(n - n_pos)]
     return X, y, R, delta
