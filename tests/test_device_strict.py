@@ -1,0 +1,336 @@
+"""The device-strict mode (``tests/device_strict.py``) and the package's public entry points under it.
+
+Part 1 tests the mode itself: the stand-in device (``meta``) must raise where CUDA raises, accept what
+CUDA accepts, and compute exactly what the CPU computes. Part 2 runs the package's public entry points
+the way a user calls them on a GPU machine (model on ``config.device()``, data on the CPU) and checks
+the package's device boundary: no device error, results on the caller's device.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import device_strict as ds
+
+ROOT = Path(__file__).resolve().parents[1]
+STRICT_SITE = ROOT / "tests" / "strict_site"
+MIXING = "Expected all tensors to be on the same device"
+
+
+@pytest.fixture
+def strict_device(monkeypatch, tmp_path):
+    """The mode on and ``MARGINLAB_DEVICE=meta`` (``config.device()`` is the stand-in device); a fresh
+    model cache, so that no training is skipped by a cache hit. Yields the device."""
+    monkeypatch.setenv("MARGINLAB_DEVICE", "meta")
+    monkeypatch.setenv("MARGINLAB_CACHE", str(tmp_path / "cache"))
+    with ds.strict_device() as dev:
+        yield dev
+
+
+def _is_plain_cpu(t) -> bool:
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
+# ============================================================================================ the mode
+
+
+def test_factories_and_moves_make_device_tensors(strict_device):
+    dev = strict_device
+    made = {
+        "zeros": torch.zeros(2, 3, device=dev), "ones": torch.ones(3, device="meta"),
+        "full": torch.full((2,), 7.0, device=dev), "arange": torch.arange(4, device=dev),
+        "linspace": torch.linspace(0, 1, 5, device=dev), "eye": torch.eye(3, device=dev),
+        "empty": torch.empty(2, device=dev).fill_(1.5), "tensor": torch.tensor([1.0, 2.0], device=dev),
+        "as_tensor": torch.as_tensor(np.arange(3.0), device=dev), "to": torch.arange(3.0).to(dev),
+        "zeros_like": torch.zeros_like(torch.ones(2), device=dev), "scalar": torch.tensor(3, device=dev),
+        "new_tensor": torch.zeros(1, device=dev).new_tensor([4.0, 5.0]),
+        "new_zeros": torch.zeros(1, device=dev).new_zeros(2),
+    }
+    for name, t in made.items():
+        assert isinstance(t, ds.DeviceTensor), name
+        assert t.device == dev, name
+    assert made["tensor"].tolist() == [1.0, 2.0]
+    assert made["as_tensor"].dtype == torch.float64 and made["as_tensor"].tolist() == [0.0, 1.0, 2.0]
+    assert made["new_tensor"].tolist() == [4.0, 5.0]
+    assert torch.equal(made["linspace"].cpu(), torch.linspace(0, 1, 5))
+    src = torch.arange(3.0)
+    moved = src.to(dev)
+    moved.add_(1)  # a copy, as on CUDA: the source is untouched
+    assert src.tolist() == [0.0, 1.0, 2.0] and moved.tolist() == [1.0, 2.0, 3.0]
+    assert torch.as_tensor(moved, device=dev) is moved
+
+
+def test_cpu_copy_is_a_plain_tensor_with_the_same_values(strict_device):
+    t = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    d = t.to(strict_device)
+    for back in (d.cpu(), d.to("cpu"), d.to(torch.device("cpu"), torch.float64).float(), d.detach().cpu()):
+        assert _is_plain_cpu(back)
+        assert torch.equal(back, t)
+    assert d.cpu().numpy().shape == (4, 3)
+    # differentiable, as on CUDA
+    leaf = torch.ones(3, device=strict_device, requires_grad=True)
+    (leaf.cpu() * torch.arange(3.0)).sum().backward()
+    assert isinstance(leaf.grad, ds.DeviceTensor) and leaf.grad.tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("op", [
+    "add", "mul_inplace", "matmul", "eq", "lt", "where", "cat", "cross_entropy", "index_select",
+    "gather", "scatter", "embedding", "cpu_plus_device", "cpu_plus_device_scalar", "masked_select",
+])
+def test_mixing_devices_raises_as_on_cuda(strict_device, op):
+    d = torch.arange(6.0, device=strict_device).view(2, 3)
+    c = torch.ones(2, 3)
+    idx = torch.tensor([0, 1])
+    calls = {
+        "add": lambda: d + c,
+        "mul_inplace": lambda: d.mul_(c),
+        "matmul": lambda: d @ torch.ones(3, 2),
+        "eq": lambda: d == c,
+        "lt": lambda: d < c,
+        "where": lambda: torch.where(c > 0, d, d),
+        "cat": lambda: torch.cat([d, c]),
+        "cross_entropy": lambda: F.cross_entropy(d, idx),
+        "index_select": lambda: d.index_select(0, idx),
+        "gather": lambda: d.gather(1, idx.view(2, 1)),
+        "scatter": lambda: d.scatter(1, idx.view(2, 1), 0.0),
+        "embedding": lambda: F.embedding(idx, d),
+        "cpu_plus_device": lambda: c + d,
+        "cpu_plus_device_scalar": lambda: c + d.sum(),  # a device 0-dim tensor is not a CPU scalar
+        "masked_select": lambda: d.masked_select(c > 0),
+    }
+    with pytest.raises(RuntimeError, match=MIXING):
+        calls[op]()
+
+
+def test_cpu_scalar_tensors_go_with_device_tensors(strict_device):
+    d = torch.arange(3.0, device=strict_device)
+    two = torch.tensor(2.0)
+    assert (d * two).tolist() == [0.0, 2.0, 4.0]
+    assert (two * d).tolist() == [0.0, 2.0, 4.0]
+    assert torch.clamp(d, min=torch.tensor(1.0)).tolist() == [1.0, 1.0, 2.0]
+    assert torch.where(d > 0, d, two).tolist() == [2.0, 1.0, 2.0]
+    assert (d == torch.tensor(1.0)).tolist() == [False, True, False]
+    d += two
+    assert d.tolist() == [2.0, 3.0, 4.0]
+
+
+def test_numpy_raises_but_host_reads_work(strict_device):
+    d = torch.arange(3.0, device=strict_device)
+    with pytest.raises(TypeError, match="can't convert meta device type tensor to numpy"):
+        d.numpy()
+    with pytest.raises(TypeError, match="can't convert meta device type tensor to numpy"):
+        np.asarray(d)
+    assert np.array_equal(d.cpu().numpy(), [0.0, 1.0, 2.0])
+    assert np.array_equal(d.numpy(force=True), [0.0, 1.0, 2.0])
+    # host syncs, allowed on CUDA
+    assert d.tolist() == [0.0, 1.0, 2.0]
+    assert d.sum().item() == 3.0 and float(d[1]) == 1.0 and int(d[2]) == 2 and bool(d.any())
+    assert f"{d.sum():.1f}" == "3.0"
+    assert "device='meta'" in repr(d) and "1." in repr(d)
+
+
+def test_indexing_follows_cuda(strict_device):
+    d = torch.arange(12.0, device=strict_device).view(4, 3)
+    # CUDA accepts CPU index tensors and masks in t[idx] and t[idx] = v (they are copied over)
+    assert d[torch.tensor([0, 2])].tolist() == [[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]]
+    assert d[torch.tensor([True, False, False, True])][:, 0].tolist() == [0.0, 9.0]
+    assert isinstance(d[torch.tensor([1])], ds.DeviceTensor)
+    d[torch.tensor([0])] = 5.0
+    d[torch.tensor([1]), torch.tensor([1])] = torch.tensor(-1.0)
+    assert d[0].tolist() == [5.0, 5.0, 5.0] and d[1, 1].item() == -1.0
+    # ... but the values must be on the device (or a CPU scalar), and a CPU tensor cannot be indexed by
+    # device indices
+    with pytest.raises(RuntimeError, match=MIXING):
+        d[torch.tensor([2])] = torch.ones(1, 3)
+    with pytest.raises(RuntimeError, match="indices should be either on cpu or on the same device"):
+        torch.arange(4.0)[torch.tensor([1], device=strict_device)]
+    # explicit gathers need the index on the device, as on CUDA
+    with pytest.raises(RuntimeError, match=MIXING):
+        torch.take(d, torch.tensor([0]))
+    assert torch.take(d, torch.tensor([0], device=strict_device)).tolist() == [5.0]
+
+
+def _small_cnn(batchnorm: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6) if batchnorm else nn.Identity(), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 3 * 3, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _train_small_cnn(device, optimizer: str, steps: int = 6) -> tuple[dict, list[float]]:
+    model = _small_cnn().to(device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(48, 3, 8, 8, generator=gen).to(device)
+    y = torch.randint(0, 3, (48,), generator=gen).to(device)
+    opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+           "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, foreach=True),
+           "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+           "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)}[optimizer](model.parameters())
+    losses = []
+    for _ in range(steps):
+        idx = torch.randperm(48, generator=gen)[:16].to(device)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {k: v.cpu() for k, v in model.state_dict().items()}, losses
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])
+def test_training_equals_cpu_training_bitwise(optimizer, strict_device):
+    strict_state, strict_losses = _train_small_cnn(strict_device, optimizer)
+    ds.disable()
+    try:
+        cpu_state, cpu_losses = _train_small_cnn("cpu", optimizer)
+    finally:
+        ds.enable()
+    assert strict_losses == cpu_losses
+    assert strict_state.keys() == cpu_state.keys()
+    for k in cpu_state:  # weights, BatchNorm running statistics and its batch counter
+        assert _is_plain_cpu(strict_state[k])
+        assert torch.equal(strict_state[k], cpu_state[k]), k
+
+
+def test_modules_move_and_keep_parameters(strict_device):
+    model = _small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(strict_device)
+    params = list(model.parameters())
+    assert all(isinstance(p, ds.DeviceTensor) and isinstance(p, nn.Parameter) for p in params)
+    assert all(isinstance(b, ds.DeviceTensor) for b in model.buffers())
+    assert all(torch.equal(v.cpu(), before[k]) for k, v in model.state_dict().items())
+    model.double()
+    assert all(p.dtype == torch.float64 and ds.unwrap(p).dtype == torch.float64 for p in model.parameters())
+    twin = copy.deepcopy(model)
+    assert all(isinstance(p, ds.DeviceTensor) for p in twin.parameters())
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(twin.parameters(), model.parameters()))
+    model.cpu()
+    assert all(type(p) is nn.Parameter and p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():  # in-place updates of a device parameter, as an optimiser does
+        twin[0].weight.mul_(0)
+    assert twin[0].weight.abs().sum().item() == 0.0 and twin[0].weight.requires_grad
+
+
+def test_input_gradients_and_no_grad(strict_device):
+    model = _small_cnn(batchnorm=False).eval()
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0, 1])
+
+    def input_grad(m, xx, yy):
+        xx = xx.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(m(xx), yy), xx)
+        return g
+
+    dm = copy.deepcopy(model).to(strict_device)
+    g_dev = input_grad(dm, x.to(strict_device), y.to(strict_device))
+    assert isinstance(g_dev, ds.DeviceTensor)
+    assert all(p.grad is None for p in dm.parameters())  # grad w.r.t. the input only
+    ds.disable()
+    try:
+        g_cpu = input_grad(model, x, y)
+    finally:
+        ds.enable()
+    assert torch.equal(g_dev.cpu(), g_cpu)
+    with torch.no_grad():
+        out = dm(x.to(strict_device))
+    assert not out.requires_grad and out.grad_fn is None
+    with pytest.raises(RuntimeError, match=MIXING):  # the classic bug: CPU inputs to a device model
+        dm(x)
+
+
+def test_device_generators_behave_like_cuda_ones(strict_device):
+    gen = torch.Generator(device=strict_device)
+    assert isinstance(gen, ds.DeviceGenerator) and isinstance(gen, torch.Generator)
+    assert gen.device == strict_device
+    assert gen.manual_seed(5) is gen
+    drawn = torch.randn(4, device=strict_device, generator=gen)
+    assert isinstance(drawn, ds.DeviceTensor)
+    assert torch.equal(drawn.cpu(), torch.randn(4, generator=torch.Generator().manual_seed(5)))
+    in_place = torch.empty(3, device=strict_device).uniform_(generator=gen.manual_seed(1))
+    assert torch.equal(in_place.cpu(), torch.empty(3).uniform_(generator=torch.Generator().manual_seed(1)))
+    cpu_gen = torch.Generator().manual_seed(0)
+    assert type(cpu_gen) is torch._C.Generator and cpu_gen.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="Expected a 'meta' device type for generator but found 'cpu'"):
+        torch.randn(3, device=strict_device, generator=cpu_gen)
+    with pytest.raises(RuntimeError, match="Expected a 'meta' device type for generator but found 'cpu'"):
+        torch.zeros(3, device=strict_device).normal_(generator=cpu_gen)
+    with pytest.raises(RuntimeError, match="Expected a 'cpu' device type for generator but found 'meta'"):
+        torch.randperm(5, generator=gen)
+    # the global stream serves device draws without a generator, and is the CPU's: seeded by manual_seed
+    torch.manual_seed(7)
+    a = torch.rand(3, device=strict_device)
+    torch.manual_seed(7)
+    assert torch.equal(a.cpu(), torch.rand(3))
+
+
+def test_save_and_load_keep_the_data(strict_device):
+    model = _small_cnn().to(strict_device)
+    state = model.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    for where, device_tensor in [(None, True), ("cpu", False), ("meta", True), (strict_device, True),
+                                 ({"meta": "cpu"}, False)]:
+        buf.seek(0)
+        loaded = torch.load(buf, map_location=where, weights_only=True)
+        for k, v in loaded.items():
+            assert isinstance(v, ds.DeviceTensor) == device_tensor, (where, k)
+            assert torch.equal(v.cpu(), state[k].cpu()), (where, k)
+    # a CPU checkpoint loaded straight onto the device, then into a device model
+    cpu_buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in state.items()}, cpu_buf)
+    cpu_buf.seek(0)
+    loaded = torch.load(cpu_buf, map_location=strict_device, weights_only=True)
+    assert all(isinstance(v, ds.DeviceTensor) for v in loaded.values())
+    fresh = nn.Sequential(*[copy.deepcopy(m) for m in model]).to(strict_device)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(loaded)
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(fresh.state_dict().values(), state.values()))
+
+
+def test_disable_restores_torch(monkeypatch):
+    real_generator, real_load = torch.Generator, torch.load
+    with ds.strict_device():
+        assert torch.Generator is not real_generator and ds.enabled()
+    assert not ds.enabled()
+    assert torch.Generator is real_generator and torch.load is real_load
+    plain_meta = torch.zeros(2, device="meta")
+    assert type(plain_meta) is torch.Tensor and plain_meta.is_meta  # the real meta device: no data
+
+
+def test_config_device_follows_marginlab_device(strict_device, monkeypatch):
+    from marginlab import config
+
+    assert config.device() == strict_device
+    monkeypatch.setenv("MARGINLAB_DEVICE", "cpu")
+    assert config.device() == torch.device("cpu")
+    assert config.device("meta") == strict_device
+
+
+def _run_python(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MARGINLAB_DEVICE_STRICT", "PYTHONPATH")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=ROOT)
+
+
+def test_sitecustomize_switches_the_mode_in_subprocesses():
+    code = ("import torch, os; t = torch.zeros(1, device='meta'); print(type(t).__name__, t.is_meta, "
+            "os.environ.get('MARGINLAB_DEVICE_STRICT'))")
+    on = _run_python(code, {"PYTHONPATH": str(STRICT_SITE), "MARGINLAB_DEVICE_STRICT": "1"})
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.split()[0] == "DeviceTensor"
+    off = _run_python(code, {"PYTHONPATH": str(STRICT_SITE)})
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split()[0] == "Tensor"  # harmless when the variable is unset
