@@ -195,3 +195,94 @@ def test_thm1_one_dimension_is_enumerated():
         res = A.max_min_angle(2, 1, seed=seed)
         assert res.gram_error == 0.0 and res.min_angle == pytest.approx(math.pi)
     assert A.max_min_angle(3, 1).min_angle == 0.0
+
+
+# ---- device boundary, chunking and the profiles (issue 12) ------------------------------------
+
+
+def _tiny_cfg(**kw):
+    import dataclasses
+
+    cfg = dataclasses.replace(A.default_config("mnist"), audit_steps=3, audit_restarts=1, audit_n=None,
+                              attacks=A.paper_attacks("mnist", scale=0.0, cw_binary_search=1, cw_steps=3,
+                                                      mta_targets=2))
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_evaluation_entry_points_move_cpu_data_to_the_models_device():
+    """Regression (issue 12 item 2): a model left on the accelerator by ``fit`` got CPU test images.
+    Under the device-strict mode (the CPU imitating an accelerator) mixing devices raises as on CUDA."""
+    device_strict = pytest.importorskip("device_strict")
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    cfg = _tiny_cfg()
+    with device_strict.strict_device() as dev:
+        model = A.make_model("Ours", cfg).to(dev).eval()
+        source = A.make_model("CE", cfg).to(dev).eval()
+        ev = A.evaluate(model, x, y, cfg.attacks, batch_size=5)
+        au = A.audit(model, x, y, cfg, source=source, batch_size=5, label="strict")
+        sl = A.loss_along_direction(model, x, y, torch.linspace(0, 0.3, 3), direction="gradient")
+        unb = A.unbounded_attack(model, x, y, steps=3, batch_size=5)
+        geo = A.weight_geometry(model)
+    for t in [*ev.per_example().values(), *au.evaluation.per_example().values(), sl["ce"], sl["margin"],
+              unb["linf_distortion"]]:
+        assert t.device.type == "cpu" and not device_strict.is_device_tensor(t)
+    assert len(ev.clean) == 12 and math.isfinite(geo["min_angle_deg"])
+
+
+def test_evaluate_in_chunks_equals_one_batch():
+    """Issue 12 item 5: chunking bounds memory and does not change deterministic attacks' results."""
+    torch.manual_seed(0)
+    x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    cfg = _tiny_cfg()
+    model = A.make_model("CE", cfg).eval()
+    specs = tuple(s for s in cfg.attacks if s.kind in ("deepfool", "cw"))  # no random start
+    whole = A.evaluate(model, x, y, specs, batch_size=100)
+    chunked = A.evaluate(model, x, y, specs, batch_size=3)
+    for k, v in whole.per_example().items():
+        assert torch.equal(v, chunked.per_example()[k]), k
+    with pytest.raises(ValueError, match="batch_size"):
+        A.evaluate(model, x, y, specs, batch_size=0)
+
+
+def test_attack_on_first_images_and_worst_case_on_the_common_part():
+    clean = torch.tensor([True, True, False, True])
+    ev = A.Evaluation(clean, {"a": torch.tensor([True, False, False, True]), "b": torch.tensor([True, True])})
+    assert ev.counts() == {"Clean": 4, "a": 4, "b": 2, "worst case": 2}
+    assert ev.worst_case().tolist() == [True, False]
+    assert ev.accuracy()["b"] == 1.0 and ev.accuracy()["worst case"] == 0.5
+
+
+def test_evaluate_respects_n_examples():
+    import dataclasses
+
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    cfg = _tiny_cfg()
+    spec = dataclasses.replace(cfg.attacks[0], n_examples=3)
+    ev = A.evaluate(A.make_model("CE", cfg).eval(), x, y, (spec,))
+    assert len(ev.robust[spec.name]) == 3 and len(ev.clean) == 8
+
+
+@pytest.mark.parametrize("profile,smoke", [("quick", "0"), ("standard", "0"), ("full", "0"), ("full", "1")])
+def test_default_config_profiles(monkeypatch, profile, smoke):
+    monkeypatch.setenv("MARGINLAB_PROFILE", profile)
+    monkeypatch.setenv("MARGINLAB_SMOKE", smoke)
+    paper = {s.name: s for s in A.paper_attacks("mnist")}
+    cfg = A.default_config("mnist")
+    if profile == "full" and smoke == "0":
+        assert cfg.epochs == 400 and cfg.n_test == 10000 and cfg.attacks == tuple(paper.values())
+    if profile == "standard":
+        # the paper's attack budgets exactly; only which test images the costly attacks see is cut
+        for s in cfg.attacks:
+            p = paper[s.name]
+            assert (s.steps, s.step_size, s.eps, s.binary_search_steps, s.num_targets) == \
+                   (p.steps, p.step_size, p.eps, p.binary_search_steps, p.num_targets)
+        assert cfg.n_train is None and cfg.n_test >= 1000 and cfg.lr == 0.01 and cfg.batch_size == 128
+        assert cfg.at_steps == 40 and cfg.at_step_size == 0.01
+    if smoke == "1":
+        assert cfg.n_train <= 256 and cfg.n_test <= 128 and cfg.epochs == 1
+        assert all(s.steps <= 3 and s.binary_search_steps <= 1 for s in cfg.attacks)
+        assert cfg.audit_steps <= 3 and cfg.audit_restarts == 1
+        wrn = A.default_config("cifar100", model="wrn")
+        assert wrn.model == "wrn" and wrn.augment == "crop_flip" and wrn.lr_schedule == "step:60:0.9"

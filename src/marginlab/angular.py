@@ -252,6 +252,10 @@ def mmc_predict(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 
 METHODS = ("CE", "AT", "MMC", "Ours")
 
+#: Examples per attack call: bounds the activations an attack keeps for its backward pass (the small
+#: CNNs: ~3 MiB per CIFAR image; WRN-34-10: ~35 MiB, so its drivers pass a smaller ``batch_size``).
+EVAL_BATCH_SIZE = 500
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -265,6 +269,7 @@ class AttackSpec:
     initial_const: float = 1e-3  # CW only
     num_targets: int | None = None  # MTA only (None = every wrong class)
     paper: str = ""  # the paper's setting (002 Table 1), for the report
+    n_examples: int | None = None  # attack only the first n test images (None = all): a stated cut
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,14 @@ class Ch5Config:
     audit_steps: int = 100
     audit_restarts: int = 2
     seed: int = 0
+    at_epochs: int | None = None  # epochs of PGD adversarial training (None = ``epochs``)
+    audit_n: int | None = None  # test images the audit attacks (None = all n_test)
+    model: str = "cwnet"  # "cwnet" (002 Tables 4/5) | "wrn" (Tables 2/3)
+    wrn_depth: int = 34
+    wrn_width: int = 10
+    augment: str | None = None  # "crop_flip": 4-pixel padding, random 32x32 crop, horizontal flip (002 §4.1)
+    lr_schedule: str | None = None  # "step:60:0.9": lr x 0.9 every 60 epochs (002 §4.1)
+    eval_batch_size: int = EVAL_BATCH_SIZE  # examples per attack call (memory, not results)
 
     @property
     def eps(self) -> float:
@@ -306,7 +319,8 @@ def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, c
     mnist = dataset == "mnist"
     eps = 0.3 if mnist else 8 / 255
     cw_eps = 3.0 if mnist else 1.0
-    n = lambda k: k if scale >= 1 else max(5, int(round(k * scale)))  # noqa: E731
+    # scale = 0 is the smoke run's toy size (3 steps); otherwise at least 5 steps
+    n = lambda k: k if scale >= 1 else 3 if scale == 0 else max(5, int(round(k * scale)))  # noqa: E731
 
     def step(k: int, size: float) -> float:
         # with fewer steps, use Madry's rule 2.5·eps/steps so the attack can still cross the ball
@@ -319,7 +333,7 @@ def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, c
         pgd = [("PGD20", 20, 0.0031), ("PGD100", 100, 0.0031)]
         mta = ("MTA100", 100, 0.0031)
     specs = [AttackSpec(nm, "pgd", eps, n(k), step(k, a), paper=f"{k} steps, step {a}") for nm, k, a in pgd]
-    specs.append(AttackSpec("DeepFool", "deepfool", eps, max(n(50), 5), 0.02,
+    specs.append(AttackSpec("DeepFool", "deepfool", eps, n(50) if scale == 0 else max(n(50), 5), 0.02,
                             paper="50 steps, overshoot 0.02, Linf"))
     specs.append(AttackSpec("C&W", "cw", cw_eps, cw_steps or n(1000), cw_lr, norm="l2", binary_search_steps=cw_binary_search,
                             initial_const=cw_initial_const,
@@ -329,23 +343,63 @@ def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, c
     return tuple(specs)
 
 
-def default_config(dataset: str = "mnist") -> Ch5Config:
-    """Quick (CPU) or full (paper) settings for ``dataset`` via :func:`marginlab.config.pick`."""
+def default_config(dataset: str = "mnist", model: str = "cwnet") -> Ch5Config:
+    """The active run's settings for ``dataset`` via :func:`marginlab.config.pick`.
+
+    ``model="cwnet"``: the small CNNs of 002 Tables 4 (MNIST) and 5 (CIFAR-10); ``model="wrn"``: the
+    WRN-34-10 of Tables 2 (CIFAR-10) and 3 (CIFAR-100) with the paper's pad-crop-flip augmentation and
+    step schedule (lr x 0.9 every 60 epochs), full profile only (and its smoke run, with a narrow WRN).
+
+    * full: the paper (400 epochs, all data, 002 Table 1's attacks on every test image);
+    * standard (CPU, ~45 min for the chapter): the paper's optimiser, lr, batch, architectures and attack
+      budgets; every local training image; epochs cut, and the costliest attacks (C&W, MTA) and the audit
+      on the first test images only — every cut is in the chapter's settings table;
+    * quick: a CPU pipeline check (~1/20 of the attack steps, 5 epochs);
+    * smoke (full profile, ``MARGINLAB_SMOKE=1``): the full profile's code paths at toy sizes.
+    """
     if dataset not in ("mnist", "cifar10", "cifar100"):
         raise ValueError(f"dataset must be 'mnist', 'cifar10' or 'cifar100', got {dataset!r}")
+    if model not in ("cwnet", "wrn"):
+        raise ValueError(f"model must be 'cwnet' or 'wrn', got {model!r}")
     mnist = dataset == "mnist"
     eps = 0.3 if mnist else 8 / 255
+    wrn = dict(model="wrn", augment="crop_flip", lr_schedule="step:60:0.9") if model == "wrn" else {}
     full = Ch5Config(dataset=dataset, n_train=None, n_test=10000, epochs=400,
                      at_steps=40 if mnist else 7, at_step_size=0.01 if mnist else 2 / 255,
-                     attacks=paper_attacks(dataset), audit_steps=500, audit_restarts=10)
+                     attacks=paper_attacks(dataset), audit_steps=500, audit_restarts=10,
+                     eval_batch_size=128 if model == "wrn" else EVAL_BATCH_SIZE, **wrn)
+    # standard: estimates from single-thread throughput measured on an idle core (CWNet+BN: MNIST ~1,700,
+    # CIFAR ~280 images/s for a training step or an attack step); see the chapter's settings table
+    few = 100 if mnist else 50  # C&W and MTA (thousands of steps per robust image) on the first images only
+    standard = Ch5Config(
+        dataset=dataset, n_train=None, n_test=1000 if mnist else 200, epochs=20 if mnist else 5,
+        at_epochs=2 if mnist else 1, at_steps=full.at_steps, at_step_size=full.at_step_size,
+        attacks=tuple(_replace(a, n_examples=few) if a.kind in ("cw", "mta") else a for a in paper_attacks(dataset)),
+        audit_steps=500, audit_restarts=2, audit_n=100, **wrn)
     # quick: a CPU smoke run of every code path (2560 of the 3678 training images, 5 epochs, 100 test images,
     # attacks with ~1/10-1/20 of the paper's steps; C&W: one run at c = 1, no binary search)
     quick = Ch5Config(dataset=dataset, n_train=2560, n_test=100, epochs=5,
                       at_steps=2, at_step_size=eps / 2,
                       attacks=paper_attacks(dataset, scale=0.05, cw_binary_search=1, cw_initial_const=1.0,
                                             mta_targets=3, cw_lr=0.05, cw_steps=20),
-                      audit_steps=20, audit_restarts=2)
-    return config.pick(quick=quick, full=full)
+                      audit_steps=20, audit_restarts=2, **wrn)
+    # smoke: the full profile's paths at toy sizes (<= 256 / 128 images, 1 epoch, <= 3 attack steps, 1 restart;
+    # the WRN is the same class at depth 10, width 1)
+    smoke = Ch5Config(dataset=dataset, n_train=256, n_test=128, epochs=1, at_steps=2, at_step_size=eps / 2,
+                      attacks=tuple(_replace(a, n_examples=64) if a.kind in ("cw", "mta") else a for a in
+                                    paper_attacks(dataset, scale=0.0, cw_binary_search=1, cw_initial_const=1.0,
+                                                  mta_targets=2, cw_lr=0.05, cw_steps=3)),
+                      audit_steps=3, audit_restarts=1, audit_n=64, wrn_depth=10, wrn_width=1,
+                      eval_batch_size=64, **wrn)
+    if model == "wrn":
+        quick = standard = smoke if config.smoke() else full  # WRN-34-10 is for the GPU (full profile) only
+    return config.pick(quick=quick, full=full, standard=standard, smoke=smoke)
+
+
+def _replace(spec: AttackSpec, **kw) -> AttackSpec:
+    from dataclasses import replace
+
+    return replace(spec, **kw)
 
 
 # ============================================================================================
@@ -364,12 +418,27 @@ def make_model(method: str, cfg: Ch5Config, *, feature_activation: str | None = 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(cfg.seed)
+    if cfg.model == "wrn":
+        return _make_wrn(method, cfg, feature_activation)
     if method == "Ours":
         act = feature_activation or "tanh"
         return CWNet(dataset=cfg.arch, num_classes=cfg.num_classes, batchnorm=True, activation="relu",
                      feature_activation=act, head_bias=False)
     base = CWNet(dataset=cfg.arch, num_classes=cfg.num_classes, batchnorm=True, activation="relu",
                  feature_activation=feature_activation or "relu", head_bias=True)
+    if method == "MMC":
+        return MMCNet(base, cfg.num_classes, base.head.in_features, cfg.c_mm)
+    return base
+
+
+def _make_wrn(method: str, cfg: Ch5Config, feature_activation: str | None) -> nn.Module:
+    """WRN-``depth``-``width`` (Zagoruyko & Komodakis 2016) for 002 Tables 2-3, with the same head
+    conventions as the small CNNs (Ours: tanh features, bias-free head)."""
+    from .models import WideResNet
+
+    ours = method == "Ours"
+    base = WideResNet(depth=cfg.wrn_depth, widen_factor=cfg.wrn_width, num_classes=cfg.num_classes,
+                      feature_activation=feature_activation or ("tanh" if ours else "relu"), head_bias=not ours)
     if method == "MMC":
         return MMCNet(base, cfg.num_classes, base.head.in_features, cfg.c_mm)
     return base
@@ -391,11 +460,28 @@ def loss_for(method: str, cfg: Ch5Config, *, alpha: float | None = None, s: floa
 
 
 def load_data(cfg: Ch5Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train / test tensors of ``cfg.dataset`` (inputs in [0,1], no augmentation); test = first n_test."""
+    """Train / test tensors of ``cfg.dataset`` (inputs in [0,1]); test = the first ``n_test`` images.
+
+    The full profile first checks that the complete data set is present (``data.require``). The smoke
+    run stands in CIFAR-10 for CIFAR-100 when CIFAR-100 is absent (said in a warning): the model keeps
+    100 outputs, so the code path is the same.
+    """
+    import warnings
+
     from . import data
 
-    xtr, ytr = data.load(cfg.dataset, "train")
-    xte, yte = data.load(cfg.dataset, "test")
+    name = cfg.dataset
+    if config.run_name() == "full":
+        data.require(name)
+    if name == "cifar100" and config.smoke():
+        try:
+            data.load(name, "test")
+        except (OSError, RuntimeError) as err:
+            warnings.warn(f"smoke run: CIFAR-100 is absent ({type(err).__name__}); CIFAR-10 stands in for it",
+                          stacklevel=2)
+            name = "cifar10"
+    xtr, ytr = data.load(name, "train")
+    xte, yte = data.load(name, "test")
     if cfg.n_train is not None:
         xtr, ytr = xtr[: cfg.n_train], ytr[: cfg.n_train]
     return xtr, ytr, xte[: cfg.n_test], yte[: cfg.n_test]
@@ -404,13 +490,18 @@ def load_data(cfg: Ch5Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 def train_method(method: str, cfg: Ch5Config, x: torch.Tensor, y: torch.Tensor, *, tag: str = "ch05",
                  feature_activation: str | None = None, alpha: float | None = None, s: float | None = None,
                  epochs: int | None = None, callbacks=(), device=None):
-    """Train ``method`` with Adam (lr ``cfg.lr``, batch ``cfg.batch_size``) and return (model, history)."""
+    """Train ``method`` with Adam (lr ``cfg.lr``, batch ``cfg.batch_size``; ``cfg.lr_schedule``, ``cfg.augment``)
+    for ``epochs`` (default ``cfg.epochs``, ``cfg.at_epochs`` for AT) and return (model, history) on the
+    training device."""
     from .train import fit
 
     model = make_model(method, cfg, feature_activation=feature_activation)
+    if epochs is None:
+        epochs = cfg.at_epochs if method == "AT" and cfg.at_epochs is not None else cfg.epochs
+    extra = {} if cfg.augment is None else {"augment": cfg.augment}  # only the WRN runs augment
     hist = fit(model, x, y, loss_fn=loss_for(method, cfg, alpha=alpha, s=s), optimizer="adam", lr=cfg.lr,
-               epochs=cfg.epochs if epochs is None else epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-               device=device, callbacks=callbacks, cache=f"{tag}-{method}")
+               epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
+               device=device, callbacks=callbacks, cache=f"{tag}-{method}", **extra)
     model.eval()
     return model, hist
 
@@ -420,44 +511,92 @@ def train_method(method: str, cfg: Ch5Config, x: torch.Tensor, y: torch.Tensor, 
 # ============================================================================================
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live: the device every computation on it runs on."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _batched(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int | None,
+             *extra: torch.Tensor) -> torch.Tensor:
+    """``fn(x[s], y[s], *extra[s])`` over chunks of ``batch_size`` rows, concatenated (per-example outputs).
+
+    Bounds the memory of an attack (one backward pass over a chunk), not its work: examples are independent.
+    """
+    bs = EVAL_BATCH_SIZE if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if len(x) <= bs:
+        return fn(x, y, *extra)
+    return torch.cat([fn(x[i:i + bs], y[i:i + bs], *(e[i:i + bs] for e in extra)) for i in range(0, len(x), bs)])
+
+
+def _on_model(model: nn.Module, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Move the inputs in: the public drivers compute on the model's device and return on the caller's."""
+    dev = _device_of(model)
+    return tuple(t.to(dev) for t in ts)
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Per-example correctness (bool) of ``model`` on x, on x's device; chunked, on the model's device."""
+    home = x.device
+    xd, yd = _on_model(model, x, y)
+    return _batched(lambda a, b: attacks.correct(model, a, b), xd, yd, batch_size).to(home)
+
+
 def _dist(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     d = (x_adv - x).flatten(1)
     return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
 
 
-def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one attack of the suite; returns (x_adv, robust mask).
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int = 0,
+               batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one attack of the suite; returns (x_adv, robust mask) on x's device.
 
+    Computes on the model's device in chunks of ``batch_size`` examples (default ``EVAL_BATCH_SIZE``).
     Minimal-perturbation attacks (DeepFool, C&W) count an example as robust when the found
     adversarial point is farther than ``spec.eps`` or is not adversarial at all.
     """
-    if spec.kind == "pgd":
-        x_adv = attacks.pgd(model, x, y, spec.eps, spec.steps, step_size=spec.step_size, norm=spec.norm,
-                            loss="ce", random_start=True, restarts=1, seed=seed)
-        return x_adv, attacks.correct(model, x_adv, y)
-    if spec.kind == "mta":
-        x_adv = attacks.multi_target(model, x, y, spec.eps, spec.steps, norm=spec.norm, step_size=spec.step_size,
-                                     num_targets=spec.num_targets, seed=seed)
-        return x_adv, attacks.correct(model, x_adv, y)
-    if spec.kind == "deepfool":
-        x_adv = attacks.deepfool(model, x, y, steps=spec.steps, overshoot=spec.step_size, norm=spec.norm)
-    elif spec.kind == "cw":
-        x_adv = attacks.cw_l2(model, x, y, steps=spec.steps, lr=spec.step_size,
-                              binary_search_steps=spec.binary_search_steps, initial_const=spec.initial_const)
-    else:
+    if spec.kind not in ("pgd", "mta", "deepfool", "cw"):
         raise ValueError(f"unknown attack kind {spec.kind!r}")
-    ok = attacks.correct(model, x, y)
-    fooled = ~attacks.correct(model, x_adv, y)
-    within = _dist(x_adv, x, spec.norm) <= spec.eps * (1 + 1e-5)
-    return x_adv, ok & ~(fooled & within)
+    home = x.device
+    xd, yd = _on_model(model, x, y)
+
+    def one(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if spec.kind == "pgd":
+            return attacks.pgd(model, xb, yb, spec.eps, spec.steps, step_size=spec.step_size, norm=spec.norm,
+                               loss="ce", random_start=True, restarts=1, seed=seed)
+        if spec.kind == "mta":
+            return attacks.multi_target(model, xb, yb, spec.eps, spec.steps, norm=spec.norm,
+                                        step_size=spec.step_size, num_targets=spec.num_targets, seed=seed)
+        if spec.kind == "deepfool":
+            return attacks.deepfool(model, xb, yb, steps=spec.steps, overshoot=spec.step_size, norm=spec.norm)
+        return attacks.cw_l2(model, xb, yb, steps=spec.steps, lr=spec.step_size,
+                             binary_search_steps=spec.binary_search_steps, initial_const=spec.initial_const)
+
+    x_adv = _batched(one, xd, yd, batch_size)
+    fooled = ~_correct(model, x_adv, yd, batch_size)
+    if spec.kind in ("pgd", "mta"):
+        return x_adv.to(home), (~fooled).to(home)
+    ok = _correct(model, xd, yd, batch_size)
+    within = _dist(x_adv, xd, spec.norm) <= spec.eps * (1 + 1e-5)
+    return x_adv.to(home), (ok & ~(fooled & within)).to(home)
 
 
 @dataclass
 class Evaluation:
+    """Per-example results of one model under an attack suite (all tensors (n,) on one device).
+
+    An attack given ``n_examples`` covers only the first n test images: its accuracy is over those, and
+    the worst case over several attacks is taken on the images every one of them attacked.
+    """
+
     clean: torch.Tensor  # (N,) bool
-    robust: dict[str, torch.Tensor]  # attack name -> (N,) bool
-    distances: dict[str, torch.Tensor] = field(default_factory=dict)  # minimal attacks: (N,) distances
+    robust: dict[str, torch.Tensor]  # attack name -> (n <= N,) bool, the first n test images
+    distances: dict[str, torch.Tensor] = field(default_factory=dict)  # minimal attacks: (n,) distances
 
     def accuracy(self) -> dict[str, float]:
         out = {"Clean": float(self.clean.float().mean())}
@@ -465,28 +604,60 @@ class Evaluation:
         out["worst case"] = float(self.worst_case().float().mean())
         return out
 
+    def counts(self) -> dict[str, int]:
+        """How many test images each column of :meth:`accuracy` rests on."""
+        return {"Clean": len(self.clean), **{k: len(v) for k, v in self.robust.items()},
+                "worst case": len(self.worst_case())}
+
+    def per_example(self) -> dict[str, torch.Tensor]:
+        """The per-example booleans behind :meth:`accuracy` (for intervals: bootstrap over test images)."""
+        return {"Clean": self.clean, **self.robust, "worst case": self.worst_case()}
+
+    def estimates(self, level: float = 0.95, seed: int = 0) -> dict[str, object]:
+        """:meth:`accuracy` with percentile-bootstrap intervals over test images (``marginlab.stats``)."""
+        from . import stats
+
+        return {k: stats.bootstrap(v.detach().cpu().double().numpy(), level=level, seed=seed)
+                for k, v in self.per_example().items()}
+
     def worst_case(self, names=None) -> torch.Tensor:
-        """Per-example worst case: robust only if clean-correct and robust to every attack (DESIGN §6)."""
-        m = self.clean.clone()
-        for k, v in self.robust.items():
-            if names is None or k in names:
-                m &= v
+        """Per-example worst case: robust only if clean-correct and robust to every attack (DESIGN §6),
+        on the first n test images, n the fewest any selected attack covered."""
+        masks = [v for k, v in self.robust.items() if names is None or k in names]
+        n = min([len(self.clean), *(len(v) for v in masks)])
+        m = self.clean[:n].clone()
+        for v in masks:
+            m &= v[:n]
         return m
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: tuple[AttackSpec, ...],
-             seed: int = 0) -> Evaluation:
-    """Clean correctness and per-attack robustness masks under the suite ``specs``."""
-    ev = Evaluation(attacks.correct(model, x, y), {})
+             seed: int = 0, batch_size: int | None = None) -> Evaluation:
+    """Clean correctness and per-attack robustness masks under the suite ``specs``.
+
+    Per-example (N,) tensors on x's device, so that intervals (bootstrap over test examples) and the
+    per-example worst case can be computed; attacks run on the model's device in chunks of
+    ``batch_size``. Adding an attack to the ensemble is adding an :class:`AttackSpec` to ``specs``.
+    """
+    home = x.device
+    xd, yd = _on_model(model, x, y)
+    ev = Evaluation(_correct(model, xd, yd, batch_size), {})
     for spec in specs:
-        x_adv, rob = run_attack(model, x, y, spec, seed=seed)
-        ev.robust[spec.name] = rob & ev.clean
+        n = len(xd) if spec.n_examples is None else min(int(spec.n_examples), len(xd))
+        xs, ys, clean = xd[:n], yd[:n], ev.clean[:n]
+        x_adv, rob = run_attack(model, xs, ys, spec, seed=seed, batch_size=batch_size)
+        ev.robust[spec.name] = rob & clean
         if spec.kind in ("deepfool", "cw"):
-            d = _dist(x_adv, x, spec.norm)
-            d[attacks.correct(model, x_adv, y)] = float("inf")  # not adversarial: no distance found
-            d[~ev.clean] = 0.0
+            d = _dist(x_adv, xs, spec.norm)
+            d[_correct(model, x_adv, ys, batch_size)] = float("inf")  # not adversarial: no distance found
+            d[~clean] = 0.0
             ev.distances[spec.name] = d
-    return ev
+    return _to(ev, home)
+
+
+def _to(ev: Evaluation, dev: torch.device) -> Evaluation:
+    return Evaluation(ev.clean.to(dev), {k: v.to(dev) for k, v in ev.robust.items()},
+                      {k: v.to(dev) for k, v in ev.distances.items()})
 
 
 # ============================================================================================
@@ -504,7 +675,8 @@ class Audit:
 
 
 def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
-          source: nn.Module | None = None, seed: int = 0, grid: int = 2, label: str = "Ours") -> Audit:
+          source: nn.Module | None = None, seed: int = 0, grid: int = 2, label: str = "Ours",
+          batch_size: int | None = None) -> Audit:
     """Adaptive attacks on top of the paper's suite (Carlini et al. 2019 checklist), on eps-grids
     ``[0, eps/grid, ..., eps]`` so that DESIGN §6 can be checked (and is, with a strict assertion):
 
@@ -514,7 +686,16 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
       restarts, worst case with CE-PGD at the same budget (more effort must not raise accuracy);
     * "transfer": PGD examples made on ``source`` (the plain-CE model) (white-box must beat transfer);
     * unbounded: eps = 1 margin-PGD must reach 0% (with the median minimal Linf distortion).
+
+    Runs on the model's device (``source`` must share it) in chunks of ``batch_size``; the masks of the
+    returned evaluation are per-example, on x's device.
     """
+    home = x.device
+    if cfg.audit_n is not None:
+        x, y = x[: cfg.audit_n], y[: cfg.audit_n]
+    x, y = _on_model(model, x, y)
+    if source is not None and _device_of(source) != x.device:
+        raise ValueError(f"source model is on {_device_of(source)}, the audited model on {x.device}")
     eps_grid = [cfg.eps * i / grid for i in range(grid + 1)]
     steps = cfg.audit_steps
 
@@ -530,7 +711,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
     def fgsm(m, xb, yb, e):
         return attacks.fgsm(m, xb, yb, e)
 
-    ev = Evaluation(attacks.correct(model, x, y), {})
+    ev = Evaluation(_correct(model, x, y, batch_size), {})
     curves: dict[str, list[float]] = {}
     named = {"PGD": pgd_ce, "FGSM": fgsm, "stronger": stronger}
     if source is not None:
@@ -541,27 +722,30 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ch5Config, *,
             if e == 0:
                 accs.append(float(ev.clean.float().mean()))
                 continue
-            xa = atk(model, x, y, e)
+            xa = _batched(lambda xb, yb: atk(model, xb, yb, e), x, y, batch_size)
             attacks.assert_in_ball(x, xa, e, "linf")
-            rob = attacks.correct(model, xa, y) & ev.clean
+            rob = _correct(model, xa, y, batch_size) & ev.clean
             accs.append(float(rob.float().mean()))
             if e == eps_grid[-1]:
                 ev.robust[{"PGD": f"PGD-CE {max(steps // 2, 1)}", "FGSM": "FGSM",
                            "stronger": f"PGD-margin+CE {steps}×{cfg.audit_restarts}",
                            "transfer": "transfer from CE"}[name]] = rob
         curves[name] = accs
-    unb = unbounded_attack(model, x, y, steps=max(steps, 20), restarts=cfg.audit_restarts, seed=seed)
+    unb = unbounded_attack(model, x, y, steps=max(steps, 20), restarts=cfg.audit_restarts, seed=seed,
+                           batch_size=batch_size)
     med = float(unb["linf_distortion"][ev.clean].median()) if bool(ev.clean.any()) else float("nan")
     unb["median_linf"] = med
+    unb["linf_distortion"] = unb["linf_distortion"].to(home)
     report = attacks.assert_sanity(
         eps_grid, curves["PGD"], clean=float(ev.clean.float().mean()), unbounded=unb["accuracy"],
         median_distortion=med, stronger=[curves["stronger"]], single_step=curves["FGSM"],
         transfer=curves.get("transfer"), tol=0.05, unbounded_tol=0.0, label=label)
-    return Audit(ev, eps_grid, curves, unb, report)
+    return Audit(_to(ev, home), eps_grid, curves, unb, report)
 
 
 def unbounded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 100,
-                     restarts: int = 1, halvings: int = 5, seed: int = 0) -> dict[str, float | torch.Tensor]:
+                     restarts: int = 1, halvings: int = 5, seed: int = 0,
+                     batch_size: int | None = None) -> dict[str, float | torch.Tensor]:
     """Sanity check (DESIGN §6): Linf margin-PGD with eps = 1 (the whole image cube) must reach 0%.
 
     Where PGD fails, a gradient-free blend towards another class's image finishes the job (and its
@@ -569,14 +753,18 @@ def unbounded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, step
     Also the per-example Linf distortion needed: start from the distance of the unbounded attack's
     point, then ``halvings`` bisection steps on a per-example eps with the same attack (inf where the
     unbounded attack failed, 0 where the clean input is already wrong). Report its median.
+    Computes on the model's device in chunks of ``batch_size``; the distortions are on x's device.
     """
-    x_adv = attacks.pgd(model, x, y, 1.0, steps, step_size=0.05, loss="margin", random_start=True,
-                        restarts=restarts, seed=seed, early_stop=True)
-    fooled = ~attacks.correct(model, x_adv, y)
+    home = x.device
+    x, y = _on_model(model, x, y)
+    x_adv = _batched(lambda xb, yb: attacks.pgd(model, xb, yb, 1.0, steps, step_size=0.05, loss="margin",
+                                                 random_start=True, restarts=restarts, seed=seed, early_stop=True),
+                     x, y, batch_size)
+    fooled = ~_correct(model, x_adv, y, batch_size)
     pgd_acc = float((~fooled).float().mean())
     # gradient-free fallback (immune to masking): blend towards a correctly classified image of another
     # class, x + t (x_j − x), at the first t on a grid that changes the prediction (t = 1 is x_j itself)
-    ok = attacks.correct(model, x, y)
+    ok = _correct(model, x, y, batch_size)
     if bool((~fooled).any()):
         x_adv = x_adv.clone()
         donors = (ok).nonzero().squeeze(1)
@@ -601,14 +789,15 @@ def unbounded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, step
         mid = (lo + hi) / 2
         # margin-loss Linf PGD with radius mid_i per example; early stop keeps the first adversarial
         # iterate, and the result lies in each example's own ball, so "fooled" certifies dist <= mid_i
-        xa = attacks.pgd(model, x[live], y[live], mid[live], max(steps // 4, 5), loss="margin",
-                         random_start=True, restarts=1, seed=seed)
-        f = ~attacks.correct(model, xa, y[live])
+        xa = _batched(lambda xb, yb, eb: attacks.pgd(model, xb, yb, eb, max(steps // 4, 5), loss="margin",
+                                                      random_start=True, restarts=1, seed=seed),
+                      x[live], y[live], batch_size, mid[live])
+        f = ~_correct(model, xa, y[live], batch_size)
         idx = live.nonzero().squeeze(1)
         hi[idx[f]] = mid[idx[f]]
         lo[idx[~f]] = mid[idx[~f]]
     dist = torch.where(ok, hi, torch.zeros_like(hi))
-    return {"accuracy": acc, "pgd_accuracy": pgd_acc, "linf_distortion": dist}
+    return {"accuracy": acc, "pgd_accuracy": pgd_acc, "linf_distortion": dist.to(home)}
 
 
 def loss_along_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, *,
@@ -616,28 +805,34 @@ def loss_along_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ts:
     """CE loss and margin (max_{j≠y} z_j − z_y) at x + t·d for t in ``ts`` (1-D slice; gradient masking
     shows up as a flat or jagged CE along the signed gradient while the margin still moves).
 
-    ``direction`` "gradient": d = sign(∇_x CE); "random": a random sign vector.
+    ``direction`` "gradient": d = sign(∇_x CE); "random": a random sign vector (drawn on the CPU, so the
+    same seed gives the same direction on every device). Computes on the model's device; the results
+    are on x's device.
     """
     if direction not in ("gradient", "random"):
         raise ValueError(f"direction must be 'gradient' or 'random', got {direction!r}")
+    home = x.device
+    x, y = _on_model(model, x, y)
     was = model.training
     model.eval()
-    if direction == "gradient":
-        xg = x.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-        d = g.sign()
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        d = torch.randint(0, 2, x.shape, generator=gen).to(x) * 2 - 1
-    ce, mg = [], []
-    with torch.no_grad():
-        for t in ts:
-            z = model((x + float(t) * d).clamp(0, 1))
-            ce.append(F.cross_entropy(z, y, reduction="none"))
-            mg.append(attacks.margin_gap(z, y))
-    model.train(was)
-    return {"t": ts, "ce": torch.stack(ce, 1), "margin": torch.stack(mg, 1),
-            "grad_zero_frac": (d == 0).float().mean()}
+    try:
+        if direction == "gradient":
+            xg = x.detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+            d = g.sign()
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            d = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x)
+        ce, mg = [], []
+        with torch.no_grad():
+            for t in ts.tolist():
+                z = model((x + t * d).clamp(0, 1))
+                ce.append(F.cross_entropy(z, y, reduction="none"))
+                mg.append(attacks.margin_gap(z, y))
+    finally:
+        model.train(was)
+    return {"t": ts, "ce": torch.stack(ce, 1).to(home), "margin": torch.stack(mg, 1).to(home),
+            "grad_zero_frac": (d == 0).float().mean().to(home)}
 
 
 def weight_geometry(model: nn.Module) -> dict[str, float]:
@@ -701,6 +896,7 @@ def attack_table(specs: tuple[AttackSpec, ...]) -> list[dict[str, str]]:
              "step / lr / overshoot": f"{s.step_size:.4g}" if s.step_size else "—",
              "extra": (f"binary search {s.binary_search_steps}, c0 {s.initial_const:g}" if s.kind == "cw" else
                        f"targets {s.num_targets or 'all'}" if s.kind == "mta" else ""),
+             "test images": "all" if s.n_examples is None else f"first {s.n_examples}",
              "paper (002 Table 1)": s.paper} for s in specs]
 
 
@@ -727,7 +923,7 @@ def run_table(cfg: Ch5Config, methods: tuple[str, ...] = METHODS, *, tag: str = 
     for m in methods:
         t0 = time.perf_counter()
         model, hist = train_method(m, cfg, xtr, ytr, tag=tag)
-        ev = evaluate(model, xte, yte, cfg.attacks, seed=cfg.seed)
+        ev = evaluate(model, xte, yte, cfg.attacks, seed=cfg.seed, batch_size=cfg.eval_batch_size)
         out[m] = MethodRun(model, hist, ev, time.perf_counter() - t0)
         if progress:
             acc = ev.accuracy()
@@ -753,8 +949,8 @@ def run_ablation(cfg: Ch5Config, data, *, alphas=(0.0, 1.0, 100.0), ss=(0.1, 1.0
         else:
             model, _ = train_method("Ours", cfg, xtr, ytr, tag=tag + "-" + "-".join(f"{k}{v}" for k, v in kw.items()),
                                     **kw)
-        ok = attacks.correct(model, xte, yte)
-        _, rob = run_attack(model, xte, yte, attack, seed=cfg.seed)
+        ok = _correct(model, xte, yte, cfg.eval_batch_size)
+        _, rob = run_attack(model, xte, yte, attack, seed=cfg.seed, batch_size=cfg.eval_batch_size)
         return float(ok.float().mean()), float((rob & ok).float().mean())
 
     for a in alphas:
