@@ -117,6 +117,39 @@ def test_flops_per_step_match_the_matrix_products():
     assert job.cost.gpu_seconds == pytest.approx(floor)  # a small net is launch-bound, not FLOP-bound
 
 
+def test_flop_count_agrees_with_torch_flop_counter_mode():
+    """A CNN with Adam: the job's count equals FlopCounterMode's on the same step (cross-check)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from marginlab.models import LeNet
+
+    job = jobs.Job("99", "lenet", model=jobs.call(jobs.model, "marginlab.models:LeNet", 0, in_channels=1,
+                                                  num_classes=10),
+                   data=jobs.call(jobs.dataset, "mnist", "train", n=64),
+                   fit={"cache": "t", "batch_size": 8, "optimizer": "adam"})
+    ours = jobs.plan([job], probe=8)[0].cost.flops_per_step
+    torch.manual_seed(0)
+    net = LeNet(in_channels=1, num_classes=10)
+    x, y = jobs.dataset("mnist", "train", n=8)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    assert ours == counter.get_total_flops() > 0
+
+
+def test_adversarial_training_counts_the_inner_attack():
+    """PGD-k inside the loss: each of the k attack steps is a forward pass plus the input gradient, 2F for the MLP
+    (F = forward FLOPs); the count must hold at least those k·2F on top of the plain step."""
+    plain = mlp_job("a")
+    adv = jobs.Job("99", "at", plain.model, plain.data,
+                   fit={**plain.fit, "loss_fn": jobs.call("marginlab.losses:pgd_adversarial_loss", 0.3, 4, 0.1)})
+    a, b = jobs.plan([plain, adv], measure_cpu=False)
+    forward = 2 * 64 * (784 * 16 + 16 * 10)
+    extra = b.cost.flops_per_step - a.cost.flops_per_step
+    assert 4 * 2 * forward <= extra <= 8 * 2 * forward
+    assert b.cost.ops_per_step > 3 * a.cost.ops_per_step
+
+
 def test_steps_follow_the_trainers_batching():
     # a trailing batch of one example is dropped by fit; max_steps caps; balanced batches cycle the smaller class
     assert jobs.plan([mlp_job("a", n=129, batch_size=64)])[0].cost.steps == 2 * 2

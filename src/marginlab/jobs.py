@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from . import config
 
@@ -159,6 +160,21 @@ def _describe(value: Any) -> Any:
     return repr(value)
 
 
+def _short(value: Any) -> str:
+    if isinstance(value, Spec):
+        name = value.target.rsplit(":", 1)[1]
+        inner = [_short(a) for a in value.args] + [f"{k}={_short(v)}" for k, v in value.kwargs.items()]
+        return f"{name}({', '.join(inner)})"
+    if isinstance(value, (list, tuple)):
+        body = ", ".join(_short(v) for v in value)
+        return f"[{body}]" if isinstance(value, list) else f"({body}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value)
+
+
 def _contains(value: Any, kinds: tuple[type, ...]) -> bool:
     if isinstance(value, kinds):
         return True
@@ -214,8 +230,8 @@ class Cost:
     """Estimated cost of one training (an estimate, see :data:`ASSUMED_GPU`).
 
     ``steps``: optimiser steps (an upper bound when the job stops at zero training error); ``flops_per_step``:
-    forward + backward FLOPs of one batch as counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products
-    and convolutions; element-wise work and callbacks are not counted); ``eval_flops``: the per-epoch training-set
+    forward + backward FLOPs of one batch by the formulas of ``torch.utils.flop_counter`` (matrix products and
+    convolutions; element-wise work and callbacks are not counted); ``eval_flops``: the per-epoch training-set
     evaluations of ``until_zero_error``; ``ops_per_step``: ATen operators dispatched by one step (with the optimiser);
     ``gpu_seconds``: ``steps × max(flops_per_step / sustained FLOP/s, ops_per_step × seconds_per_op)`` + evaluations;
     ``cpu_seconds``: ``steps ×`` the measured time of one step on this machine's CPU (one thread; None when not
@@ -274,6 +290,11 @@ class Job:
     def label(self) -> str:
         return f"{self.chapter}/{self.name}"
 
+    def summary(self) -> str:
+        """The configuration on one line: model, data, fit arguments."""
+        fit = ", ".join(f"{k}={_short(v)}" for k, v in self.fit.items())
+        return f"{_short(self.model)} on {_short(self.data)}; {fit}"
+
     def describe(self) -> dict[str, Any]:
         """The job's configuration as JSON-friendly data (what a plan lists and a failure report carries)."""
         out = {"chapter": self.chapter, "name": self.name, "key": self.key, "model": self.model.describe(),
@@ -320,16 +341,25 @@ def job_key(job: Job) -> str:
 # ---------------------------------------------------------------------------------------------- cost
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen operators dispatched (≈ kernel launches on a GPU)."""
+class _StepCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched (≈ kernel launches on a GPU) and their FLOPs, with the FLOP formulas of
+    ``torch.utils.flop_counter`` (the table ``FlopCounterMode`` uses: matrix products, convolutions, attention).
+    ``FlopCounterMode`` itself cannot be used: its module tracker fails on losses that call ``torch.autograd.grad``
+    (the PGD inside adversarial training)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.ops = 0
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
 
 
 def _n_steps(n: int, y: torch.Tensor, fit: Mapping[str, Any]) -> int:
@@ -373,10 +403,8 @@ def _one_step(b: Built, idx: torch.Tensor, opt: torch.optim.Optimizer) -> None:
     opt.step()
 
 
-def _estimate_built(b: Built, *, probe: int = 4, measure_cpu: bool | None = None,
+def _estimate_built(b: Built, *, probe: int = 2, measure_cpu: bool | None = None,
                     gpu: Mapping[str, float] | None = None) -> Cost:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from . import train
 
     gpu = {**ASSUMED_GPU, **(gpu or {})}
@@ -391,23 +419,26 @@ def _estimate_built(b: Built, *, probe: int = 4, measure_cpu: bool | None = None
     opt = train._make_optimizer(fit.get("optimizer", "sgd"), [p for p in model_.parameters() if p.requires_grad],
                                 float(fit.get("lr", 0.01)), float(fit.get("momentum", 0.9)),
                                 float(fit.get("weight_decay", 0.0)))
+    for group in opt.param_groups:  # count the multi-tensor update a GPU runs, not the CPU's per-tensor loop
+        if "foreach" in group:
+            group["foreach"] = True
     # FLOPs of matrix products and convolutions are linear in the batch: count a few rows and scale
     idx = _probe_indices(b.y, max(probe, 2), balanced)
     seed = int(fit.get("seed", 0))
     with config.cpu_threads(1), torch.random.fork_rng():
         torch.manual_seed(seed)
-        counter, ops = FlopCounterMode(display=False), _OpCounter()
-        with counter, ops:
+        step = _StepCounter()
+        with step:
             _one_step(b, idx, opt)
-        flops_per_step = counter.get_total_flops() * full_batch / len(idx)
+        flops_per_step = step.flops * full_batch / len(idx)
         eval_flops = 0.0
         if fit.get("until_zero_error"):
-            fwd = FlopCounterMode(display=False)
+            fwd = _StepCounter()
             with fwd, torch.no_grad():
                 model_.eval()
                 model_(torch.as_tensor(b.x)[idx].to(dtype=train._model_dtype(model_)))
                 model_.train()
-            eval_flops = fwd.get_total_flops() / len(idx) * n * int(fit.get("epochs", 10))
+            eval_flops = fwd.flops / len(idx) * n * int(fit.get("epochs", 10))
         cpu_seconds = None
         if measure_cpu is None:
             measure_cpu = flops_per_step < 2e10  # about a second of one CPU core at most
@@ -418,10 +449,10 @@ def _estimate_built(b: Built, *, probe: int = 4, measure_cpu: bool | None = None
             _one_step(b, full_idx, opt)
             cpu_seconds = steps * (time.perf_counter() - t0)
     sustained = gpu["peak_flops"] * gpu["utilization"]
-    step_s = max(flops_per_step / sustained, ops.count * gpu["seconds_per_op"])
+    step_s = max(flops_per_step / sustained, step.ops * gpu["seconds_per_op"])
     gpu_seconds = steps * step_s + eval_flops / sustained
     return Cost(steps=steps, flops_per_step=float(flops_per_step), eval_flops=float(eval_flops),
-                ops_per_step=int(ops.count), gpu_seconds=float(gpu_seconds), cpu_seconds=cpu_seconds)
+                ops_per_step=int(step.ops), gpu_seconds=float(gpu_seconds), cpu_seconds=cpu_seconds)
 
 
 def estimate(job: Job, **kwargs: Any) -> Cost:
@@ -744,8 +775,10 @@ def _profile(profile: str | None) -> Iterator[None]:
 def _fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "-"
+    if s < 10:
+        return f"{s:.2g} s"
     if s < 120:
-        return f"{s:.1f} s"
+        return f"{s:.0f} s"
     if s < 7200:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
@@ -762,7 +795,8 @@ def format_plan(jobs: Sequence[Job], cache_dir: str | os.PathLike | None = None)
                      f"{c.flops_per_step / 1e9:.3g}" if c else "-", _fmt_seconds(c.gpu_seconds) if c else "-",
                      _fmt_seconds(c.cpu_seconds) if c else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["", "configurations:"] + [f"  {j.label}: {j.summary()}" for j in jobs]
     costs = [j.cost.gpu_seconds for j in jobs if j.cost is not None]
     if costs:
         lines.append("")
