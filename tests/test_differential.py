@@ -216,3 +216,82 @@ def test_set_eq5_bias_on_a_network():
     D.set_eq5_bias(model, x, y, device="cpu")
     s = D.scores(model, x, device="cpu")
     assert float(s[y == 1].min()) == pytest.approx(-float(s[y == -1].max()), abs=1e-5)
+
+
+# ---- device boundary, chunking and the cache key (issue 12) -----------------------------------
+
+
+def _tiny_cifar(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor([1, -1] * (n // 2))
+    x = torch.rand(n, 3, 32, 32, generator=g) * 0.5 + 0.25 * (y > 0).float().view(-1, 1, 1, 1)
+    return {"x_train": x, "y_train": y, "x_test": x[:8].clone(), "y_test": y[:8].clone()}
+
+
+def test_cifar_cache_key_does_not_depend_on_the_device(tmp_path, monkeypatch):
+    """Regression (issue 12 item 10): the test-accuracy callback captured the device, so the cache key did
+    too and a model trained on the GPU was retrained on the CPU. Same run on two devices, one key."""
+    device_strict = pytest.importorskip("device_strict")
+    monkeypatch.setenv("MARGINLAB_CACHE", str(tmp_path))
+    cfg = D.CifarConfig(epochs=1, batch_size=8, match_zero_error=False)
+    data = _tiny_cifar()
+    _, h_cpu = D.train_cifar("eq7", data, cfg, device="cpu")
+    with device_strict.strict_device() as dev:
+        _, h_dev = D.train_cifar("eq7", data, cfg, device=dev)
+    assert not h_cpu.cached and h_dev.cached and h_cpu.meta["key"] == h_dev.meta.get("key", h_cpu.meta["key"])
+
+
+def test_cifar_evaluation_moves_cpu_data_to_the_models_device():
+    """Regression (issue 12 item 2 for chapter 4): every evaluation entry point gets CPU images and a model
+    on the (imitated) accelerator; results come back on the CPU."""
+    device_strict = pytest.importorskip("device_strict")
+    from marginlab.models import BinaryLogits, LeNet
+
+    data = _tiny_cifar()
+    cfg = D.CifarConfig(pgd_steps=2, strong_steps=2, strong_restarts=1, unbounded_steps=2, cw_steps=2, cw_search=1,
+                        deepfool_steps=2, epsilons=(0.0, 4 / 255, 8 / 255), eval_batch_size=5)
+    torch.manual_seed(0)
+    with device_strict.strict_device() as dev:
+        model = BinaryLogits(LeNet(in_channels=3, num_classes=1)).to(dev).eval()
+        masks = D.robustness_masks(model, data["x_test"], data["y_test"], D.attack_specs(cfg), cfg.epsilons,
+                                   batch_size=3)
+        unb = D.unbounded_check(model, data["x_test"], data["y_test"], 2, batch_size=3)
+        dist = D.minimal_l2(model, data["x_test"], data["y_test"], cfg)
+        s = D.scores(model, data["x_test"])
+    for t in [*masks.values(), dist, s]:
+        assert t.device.type == "cpu" and not device_strict.is_device_tensor(t)
+    assert masks["worst case"].shape == (3, 8) and 0.0 <= unb["accuracy"] <= 1.0
+
+
+def test_robustness_masks_nested_and_worst_case():
+    from marginlab.models import BinaryLogits, LeNet
+
+    data = _tiny_cifar()
+    cfg = D.CifarConfig(pgd_steps=3, strong_steps=3, strong_restarts=1, epsilons=(0.0, 2 / 255, 8 / 255, 32 / 255))
+    torch.manual_seed(0)
+    model = BinaryLogits(LeNet(in_channels=3, num_classes=1)).eval()
+    specs = D.attack_specs(cfg)
+    masks = D.robustness_masks(model, data["x_test"], data["y_test"], specs, cfg.epsilons, batch_size=3)
+    for name in [s.name for s in specs] + ["worst case"]:
+        m = masks[name]
+        assert torch.equal(m[0], masks["clean"])          # eps = 0: clean correctness
+        assert bool((m[1:] <= m[:-1]).all())               # nested: never robust again once broken
+    worst = torch.stack([masks[s.name] for s in specs]).all(0)
+    assert torch.equal(worst, masks["worst case"])
+    curves = D.robustness_curves(model, data["x_test"], data["y_test"], specs, cfg.epsilons, batch_size=100)
+    assert curves["worst case"] == [float(r.float().mean()) for r in masks["worst case"]]
+
+
+def test_cifar_config_profiles(monkeypatch):
+    for profile, smoke in [("standard", "0"), ("full", "1")]:
+        monkeypatch.setenv("MARGINLAB_PROFILE", profile)
+        monkeypatch.setenv("MARGINLAB_SMOKE", smoke)
+        cfg, full = D.cifar_config(), D.CifarConfig()
+        if profile == "standard":  # the full profile's optimiser and attack budgets
+            same = ("optimizer", "lr", "batch_size", "epochs", "pgd_steps", "strong_steps", "strong_restarts",
+                    "unbounded_steps", "cw_steps", "cw_search", "deepfool_steps", "epsilons", "cw_epsilons")
+            assert all(getattr(cfg, k) == getattr(full, k) for k in same)
+            assert cfg.n_attack_test >= 207 and cfg.match_zero_error
+        else:
+            assert cfg.n_train <= 256 and cfg.n_test <= 128 and cfg.epochs == 1 and cfg.pgd_steps <= 3
+            assert cfg.strong_restarts == 1 and len(cfg.epsilons) <= 2

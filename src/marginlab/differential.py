@@ -277,10 +277,20 @@ def score_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def _model_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else where the model's parameters live (the one device boundary)."""
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
 def scores(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
            device: str | torch.device | None = None) -> torch.Tensor:
-    """f(x) for every input (eval mode; see ``losses.binary_scores``), on the CPU."""
-    dev = config.device(device)
+    """f(x) for every input (eval mode; see ``losses.binary_scores``), computed on ``device`` (default: the
+    model's) and returned on the CPU."""
+    dev = _model_device(model, device)
     was = model.training
     model.eval()
     try:
@@ -443,8 +453,10 @@ def score_fn_np(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 @dataclass
 class CifarConfig:
     """Sizes and settings of the CIFAR-10 experiment. 000 §5 states only: planes vs horses, a four-layer
-    CNN, both models trained to zero training error, PGD and CW from Foolbox. Optimiser, learning rate and
-    epochs are not given: we use Adam and stop at zero training error (``until_zero_error``)."""
+    CNN, both models trained to zero training error, PGD and CW from Foolbox. Optimiser, learning rate,
+    epochs and attack budgets are not given: ours. ``match_zero_error``: eq. 7 is stopped at its first
+    epoch with zero training error (eq. 5 bias), as cross-entropy is, so both are compared at matched
+    (zero) training error."""
 
     n_train: int = 10_000
     n_test: int = 2_000
@@ -466,15 +478,27 @@ class CifarConfig:
     cw_search: int = 9
     deepfool_steps: int = 50
     cw_epsilons: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+    match_zero_error: bool = True
+    eval_batch_size: int = 1_000      # examples per attack call (memory, not results)
 
 
 def cifar_config() -> CifarConfig:
-    """The active profile's configuration (quick: the 1033/207 CIFAR subset, few steps)."""
+    """The active run's configuration (:func:`marginlab.config.pick`).
+
+    quick: the 1,033/207 CIFAR subset, few steps. standard (CPU): the full profile's optimiser and attack
+    budgets on every local airplane/horse image (1,033 train, all 207 test attacked); training images
+    attacked: the first 100 (cut: the full profile attacks 1,000). smoke: toy sizes of the full paths.
+    """
     return config.pick(
         quick=CifarConfig(n_train=1_033, n_test=207, epochs=40, batch_size=64, n_attack_train=128,
                           n_attack_test=128, n_cw=64, pgd_steps=10, strong_steps=30, strong_restarts=2,
-                          unbounded_steps=100, cw_steps=50, cw_search=4, deepfool_steps=30),
+                          unbounded_steps=100, cw_steps=50, cw_search=4, deepfool_steps=30, match_zero_error=False),
         full=CifarConfig(),
+        standard=CifarConfig(n_train=10_000, n_test=2_000, n_attack_train=100, n_attack_test=2_000, n_cw=2_000),
+        smoke=CifarConfig(n_train=256, n_test=128, epochs=1, n_attack_train=32, n_attack_test=64, n_cw=32,
+                          epsilons=(0.0, 8 / 255), pgd_steps=3, strong_steps=3, strong_restarts=1,
+                          unbounded_steps=3, cw_steps=3, cw_search=1, deepfool_steps=3,
+                          cw_epsilons=(0.0, 0.5), eval_batch_size=64),
     )
 
 
@@ -482,6 +506,10 @@ def load_airplane_horse(n_train: int, n_test: int, root=None) -> dict[str, torch
     """CIFAR-10 airplane (+1) vs horse (−1), the first n images of each split (000 §5)."""
     from .data import binary_subset, load
 
+    from . import data
+
+    if config.run_name() == "full":
+        data.require("cifar10")
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         x, y = load("cifar10", split=split, root=root)
@@ -507,23 +535,36 @@ def train_cifar(kind: str, data: dict[str, torch.Tensor], cfg: CifarConfig, *,
     xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
     yte01 = (yte > 0).long()
 
+    # The callback computes on the model's own device: capturing ``dev`` here would put the device into
+    # fit's cache key (the callbacks are hashed), and a model trained on a GPU would not be reused on a CPU.
     def test_acc(epoch: int, model: nn.Module) -> dict[str, float]:
         if kind == "ce":
-            return {"test_acc": accuracy(model, xte, yte01, device=dev)}
-        s_tr, s_te = scores(model, xtr, device=dev), scores(model, xte, device=dev)
+            return {"test_acc": accuracy(model, xte, yte01)}
+        s_tr, s_te = scores(model, xtr), scores(model, xte)
         pos = ytr > 0
         b = differential_bias(s_tr[pos], s_tr[~pos])
         return {"test_acc": float(((s_te + b > 0).long() == yte01).float().mean()),
                 "train_acc_eq5": float(((s_tr + b > 0) == pos).float().mean())}
 
-    torch.manual_seed(cfg.seed)
-    model = BinaryLogits(LeNet(in_channels=3, num_classes=1))
-    hist = fit(model, xtr, ytr, loss_fn=None if kind == "ce" else losses.squared_differential_loss,
-               optimizer=cfg.optimizer, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-               sampler="shuffle" if kind == "ce" else "balanced", seed=cfg.seed, device=dev,
-               callbacks=(test_acc,), cache=f"ch04-{kind}", until_zero_error=(kind == "ce"), progress=False)
+    def run(epochs: int):
+        torch.manual_seed(cfg.seed)
+        model = BinaryLogits(LeNet(in_channels=3, num_classes=1))
+        hist = fit(model, xtr, ytr, loss_fn=None if kind == "ce" else losses.squared_differential_loss,
+                   optimizer=cfg.optimizer, lr=cfg.lr, epochs=epochs, batch_size=cfg.batch_size,
+                   sampler="shuffle" if kind == "ce" else "balanced", seed=cfg.seed, device=dev,
+                   callbacks=(test_acc,), cache=f"ch04-{kind}", until_zero_error=(kind == "ce"), progress=False)
+        return model, hist
+
+    model, hist = run(cfg.epochs)
+    if kind == "eq7" and cfg.match_zero_error:
+        # matched training error: stop at the first epoch whose eq. 5 training accuracy is 100%, as
+        # cross-entropy stops at zero training error; the same seed replays the same batches exactly
+        first = next((int(r["epoch"]) for r in hist.rows if r.get("train_acc_eq5") == 1.0 and r["epoch"] > 0), None)
+        if first is not None and first < len(hist.rows) - 1:
+            model, hist = run(first)
+        hist.meta["stopped_at_zero_error"] = first
     if kind == "eq7":
-        set_eq5_bias(model, xtr, ytr, device=dev)
+        set_eq5_bias(model, xtr, ytr)
     return model.eval(), hist
 
 
@@ -561,49 +602,82 @@ def attack_specs(cfg: CifarConfig) -> list[AttackSpec]:
     ]
 
 
+def _chunks(n: int, batch_size: int) -> list[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+
+
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
+def _correct(model: nn.Module, x: torch.Tensor, y01: torch.Tensor, batch_size: int = 1_000) -> torch.Tensor:
+    """Per-example correctness (bool, on the CPU); computed on the model's device in chunks."""
     from . import attacks
 
-    return attacks.correct(model, x, y01.to(x.device)).cpu()
+    dev = _model_device(model)
+    return torch.cat([attacks.correct(model, x[s].to(dev), y01[s].to(dev)).cpu()
+                      for s in _chunks(len(x), batch_size)]) if len(x) else torch.zeros(0, dtype=torch.bool)
 
 
-def robustness_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: Sequence[AttackSpec],
-                      epsilons: Sequence[float]) -> dict[str, list[float]]:
-    """Accuracy vs Linf eps under each attack and the per-example worst case over all of them (DESIGN §6).
+def robustness_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: Sequence[AttackSpec],
+                     epsilons: Sequence[float], batch_size: int = 1_000) -> dict[str, torch.Tensor]:
+    """Per-example robustness (bool (len(epsilons), N), on the CPU) under each attack and the per-example
+    worst case over all of them ("worst case"; DESIGN §6); "clean" is the clean correctness (N,).
 
     The eps-balls are nested, so an example broken at a smaller eps counts as broken at every larger
-    eps (the same adversarial point is feasible there), as in ``attacks.robust_accuracy(nested=True)``.
+    eps (the same adversarial point is feasible there) and is not attacked again, as in
+    ``attacks.robust_accuracy(nested=True)``. Attacks run on the model's device in chunks of ``batch_size``.
+    Adding an attack to the ensemble is adding an :class:`AttackSpec` to ``specs``.
     """
     y01 = (torch.as_tensor(y) > 0).long()
     if any(e < 0 for e in epsilons):
         raise ValueError("epsilons must be >= 0")
-    clean = _correct(model, x, y01)
+    dev = _model_device(model)
+    xd, yd = x.to(dev), y01.to(dev)
+    clean = _correct(model, xd, yd, batch_size)
     survivors = {s.name: clean.clone() for s in specs}
-    curves: dict[str, list[float]] = {name: [0.0] * len(epsilons) for name in [*survivors, "worst case"]}
+    out = {name: torch.zeros(len(epsilons), len(x), dtype=torch.bool) for name in [*survivors, "worst case"]}
     for k in sorted(range(len(epsilons)), key=lambda i: epsilons[i]):
         eps = float(epsilons[k])
         worst = clean.clone()
         for s in specs:
-            if eps > 0:
-                survivors[s.name] = survivors[s.name] & _correct(model, s.run(model, x, y01, eps), y01)
-            curves[s.name][k] = float(survivors[s.name].float().mean())
+            idx = survivors[s.name].nonzero().flatten()
+            if eps > 0 and len(idx):
+                for part in _chunks(len(idx), batch_size):
+                    sel = idx[part]
+                    xs = xd[sel.to(dev)]
+                    ok = _correct(model, s.run(model, xs, yd[sel.to(dev)], eps), yd[sel.to(dev)], batch_size)
+                    survivors[s.name][sel] &= ok
+            out[s.name][k] = survivors[s.name]
             worst &= survivors[s.name]
-        curves["worst case"][k] = float(worst.float().mean())
+        out["worst case"][k] = worst
+    out["clean"] = clean
+    return out
+
+
+def robustness_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: Sequence[AttackSpec],
+                      epsilons: Sequence[float], batch_size: int = 1_000) -> dict[str, list[float]]:
+    """Accuracy vs Linf eps under each attack and the per-example worst case (means of :func:`robustness_masks`)."""
+    masks = robustness_masks(model, x, y, specs, epsilons, batch_size)
+    clean = masks.pop("clean")
+    curves = {name: [float(row.float().mean()) for row in m] for name, m in masks.items()}
     curves["clean"] = [float(clean.float().mean())] * len(epsilons)
     return curves
 
 
-def unbounded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, float]:
+def unbounded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                    batch_size: int = 1_000) -> dict[str, float]:
     """DESIGN §6: margin-loss PGD with eps = 1 (the whole [0,1] box) must reach 0% accuracy;
-    returns its accuracy and the median Linf / L2 distortion of the adversarials it found."""
+    returns its accuracy and the median Linf / L2 distortion of the adversarials it found.
+    Computes on the model's device in chunks of ``batch_size``."""
     from . import attacks
 
     y01 = (torch.as_tensor(y) > 0).long()
-    xa = attacks.pgd(model, x, y01, 1.0, steps=steps, norm="linf", loss="margin", random_start=False,
-                     step_size=2.0 / steps, seed=3)
-    ok = _correct(model, xa, y01)
-    d = (xa - x).flatten(1)
+    dev = _model_device(model)
+    xd, yd = x.to(dev), y01.to(dev)
+    xa = torch.cat([attacks.pgd(model, xd[s], yd[s], 1.0, steps=steps, norm="linf", loss="margin",
+                                random_start=False, step_size=2.0 / steps, seed=3) for s in _chunks(len(x), batch_size)])
+    ok = _correct(model, xa, yd, batch_size)
+    d = (xa - xd).flatten(1).cpu()
     fooled = ~ok
     return {"accuracy": float(ok.float().mean()),
             "median_linf": float(d.abs().amax(1)[fooled].median()) if fooled.any() else math.inf,
@@ -611,15 +685,17 @@ def unbounded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
 
 
 def minimal_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CifarConfig) -> torch.Tensor:
-    """Per-example minimal L2 perturbation found by CW-L2 and DeepFool (the smaller of the two)."""
+    """Per-example minimal L2 perturbation found by CW-L2 and DeepFool (the smaller of the two), on the CPU;
+    computed on the model's device in chunks of ``cfg.eval_batch_size``."""
     from . import attacks
 
     y01 = (torch.as_tensor(y) > 0).long()
-    return attacks.minimal_perturbation(
-        model, x, y01, norm="l2", methods=("deepfool", "cw"),
+    dev = _model_device(model)
+    return torch.cat([attacks.minimal_perturbation(
+        model, x[s].to(dev), y01[s].to(dev), norm="l2", methods=("deepfool", "cw"),
         cw=dict(steps=cfg.cw_steps, binary_search_steps=cfg.cw_search, lr=0.01, initial_const=1e-3),
         deepfool=dict(steps=cfg.deepfool_steps, overshoot=0.02),
-    ).cpu()
+    ).cpu() for s in _chunks(len(x), cfg.eval_batch_size)])
 
 
 def attack_table(cfg: CifarConfig) -> list[dict[str, Any]]:
@@ -650,7 +726,6 @@ def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device 
     test images (Fig. 4), minimal L2 distances on test images (Fig. 5, CW + DeepFool), the unbounded
     sanity attack, and the fraction of pairs used. DESIGN §6 rules are asserted."""
     from . import attacks
-    from .train import accuracy
 
     cfg = cfg or cifar_config()
     dev = config.device(device)
@@ -659,17 +734,20 @@ def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device 
     res: dict[str, Any] = {"config": cfg, "n_train": len(data["y_train"]), "n_test": len(data["y_test"])}
     for kind in ("ce", "eq7"):
         model, hist = train_cifar(kind, data, cfg, device=dev)
-        model = model.to(dev)
         r: dict[str, Any] = {"history": hist}
         for split in ("train", "test"):
             x, y = data[f"x_{split}"], data[f"y_{split}"]
-            r[f"{split}_acc"] = accuracy(model, x, (y > 0).long(), device=dev)
+            r[f"{split}_correct"] = _correct(model, x, (y > 0).long(), cfg.eval_batch_size)
+            r[f"{split}_acc"] = float(r[f"{split}_correct"].float().mean())
         n_tr, n_te = min(cfg.n_attack_train, len(data["y_train"])), min(cfg.n_attack_test, len(data["y_test"]))
         for split, n in (("train", n_tr), ("test", n_te)):
-            x, y = data[f"x_{split}"][:n].to(dev), data[f"y_{split}"][:n]
-            curves = robustness_curves(model, x, y, specs, cfg.epsilons)
+            x, y = data[f"x_{split}"][:n], data[f"y_{split}"][:n]
+            masks = robustness_masks(model, x, y, specs, cfg.epsilons, cfg.eval_batch_size)
+            r[f"pgd_{split}_masks"] = masks  # per-example booleans (bootstrap intervals over images)
+            curves = {name: [float(row.float().mean()) for row in m] for name, m in masks.items() if name != "clean"}
+            curves["clean"] = [float(masks["clean"].float().mean())] * len(cfg.epsilons)
             clean = curves["clean"][0]
-            unb = unbounded_check(model, x, y, cfg.unbounded_steps)
+            unb = unbounded_check(model, x, y, cfg.unbounded_steps, cfg.eval_batch_size)
             for s in specs[:3]:
                 attacks.assert_sanity(cfg.epsilons, curves[s.name], clean=clean, label=f"{kind}/{split}/{s.name}",
                                       single_step=curves["FGSM"] if s.name != "FGSM" else None)
@@ -678,7 +756,7 @@ def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device 
                                   label=f"{kind}/{split}/worst case")
             r[f"pgd_{split}"], r[f"unbounded_{split}"] = curves, unb
         n_cw = min(cfg.n_cw, len(data["y_test"]))
-        dist = minimal_l2(model, data["x_test"][:n_cw].to(dev), data["y_test"][:n_cw], cfg)
+        dist = minimal_l2(model, data["x_test"][:n_cw], data["y_test"][:n_cw], cfg)
         r["l2_distances"] = dist.numpy()
         r["cw_curve"] = attacks.accuracy_at_distances(dist, cfg.cw_epsilons)
         fooled = torch.isfinite(dist) & (dist > 0)
