@@ -220,3 +220,39 @@ def test_cpu_threads_restores_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---- device boundary and per-example results (issue 12) ----------------------------------------
+
+
+def test_margin_curves_and_robustness_move_cpu_points_to_the_models_device():
+    """Regression (issue 12 item 3): the margin-curve callback and the Table-1 evaluation handed CPU points to
+    a model trained on the accelerator (chapter 6 died at epoch 1). Device-strict mode imitates the GPU."""
+    device_strict = pytest.importorskip("device_strict")
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    with device_strict.strict_device() as dev:
+        mc = am.margin_curves(am.make_model("mlp", "mnist", seed=0), x, y, {"test": (x[:4], y[:4])}, epochs=1,
+                              track=(0, 1), n_samples=4, device=dev, batch_size=8)
+        model = am.make_model("lr", "mnist", seed=0).to(dev)
+        res = am.evaluate_robustness(model, x, y, epsilons=(0.5, 2.0), steps=3, n_margin=4, n_samples=4,
+                                     unbounded_eps=100.0, batch_size=7)
+    assert mc.epochs == [0, 1] and np.isfinite(mc.margins["test"]["lower"][-1]).all()
+    pe = res["per_example"]
+    assert pe["clean"].device.type == "cpu" and not device_strict.is_device_tensor(pe["clean"])
+    assert len(pe["worst"][2.0]) == 24 and res["worst"] == [float(pe["worst"][e].double().mean()) for e in (0.5, 2.0)]
+
+
+def test_robust_masks_nested_and_extra_attacks_join_the_worst_case():
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    model = am.make_model("lr", "mnist", seed=0)
+    m = am.robust_masks(model, x, y, am.l2_pgd(3), [0.0, 0.5, 1.0, 3.0], batch_size=5)
+    assert m.shape == (4, 16) and bool((m[1:] <= m[:-1]).all())
+    from marginlab import attacks
+
+    fgm = lambda mdl, xb, yb, e: attacks.fgsm(mdl, xb, yb, e, norm="l2")  # noqa: E731
+    res = am.evaluate_robustness(model, x, y, epsilons=(0.5, 3.0), steps=3, n_margin=2, n_samples=2,
+                                 unbounded_eps=100.0, extra_attacks={"FGM": fgm})
+    assert res["attack"]["ensemble"] == ["L2-PGD", "FGM"]
+    assert all(w <= p + 1e-12 for w, p in zip(res["worst"], res["pgd"]))

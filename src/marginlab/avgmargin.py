@@ -240,6 +240,15 @@ def make_model(kind: str, dataset: str, num_classes: int = 10, seed: int = 0) ->
     raise ValueError(f"model kind must be 'lr', 'mlp' or 'cnn', got {kind!r}")
 
 
+def _compute_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else where the model's parameters live (the one device boundary)."""
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
 def estimate_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, r: float = 5.0, n_samples: int = 256,
                      upper: bool = True, upper_methods: Sequence[str] = ("deepfool",), seed: int = 0,
                      device: str | torch.device | None = None) -> dict[str, np.ndarray]:
@@ -249,12 +258,14 @@ def estimate_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, r: f
     the exact margin is added ("exact"). Returns float64 arrays keyed "lower", "upper", "exact"."""
     from . import margins
 
+    dev = _compute_device(model, device)
+    x, y = x.to(dev), y.to(dev)  # the margin-curve callback hands CPU points to a model on the device
     with torch.enable_grad():
         out = {"lower": margins.lipschitz_lower_bound(model, x, y, r=r, n_samples=n_samples, seed=seed,
-                                                      device=device).double().cpu().numpy()}
+                                                      device=dev).double().cpu().numpy()}
         if upper:
             out["upper"] = margins.upper_bound(model, x, y, methods=tuple(upper_methods),
-                                               device=device).double().cpu().numpy()
+                                               device=dev).double().cpu().numpy()
     head = getattr(model, "head", None)
     if hasattr(model, "in_dim") and type(model).__name__ == "LinearModel" and isinstance(head, nn.Linear):
         out["exact"] = np.asarray(margins.linear_margins(head.weight.detach().cpu().double().numpy(),
@@ -361,56 +372,109 @@ def training_methods(tau: float, lam: float = 0.1, beta_amr: float = 1e-3, beta_
             "AMR": losses.amr_loss(lam=lam, tau=tau, beta=beta_amr)}
 
 
+#: Examples per attack call (bounds an attack's memory; results do not depend on it).
+EVAL_BATCH_SIZE = 1000
+
+
+def l2_pgd(steps: int, step_size: float | None = None, seed: int = 0):
+    """003 Table 1's attack: L2-PGD on the cross-entropy, random start (``step_size`` None: 2.5·eps/steps)."""
+    import functools
+
+    from . import attacks
+
+    return functools.partial(attacks.pgd, steps=steps, step_size=step_size, norm="l2", loss="ce", seed=seed)
+
+
+def robust_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack, epsilons: Sequence[float], *,
+                 batch_size: int | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+    """Per-example robustness (bool, (len(epsilons), N), on the CPU) under ``attack(model, x, y, eps)``:
+    correct on x and on the adversarial point. The balls are nested, so an example broken at a smaller eps
+    stays broken at every larger one and is not attacked again (as ``attacks.robust_accuracy(nested=True)``).
+    Computes on the model's device in chunks of ``batch_size``; every adversarial is checked to lie in the ball."""
+    from . import attacks
+
+    dev = _compute_device(model, device)
+    bs = EVAL_BATCH_SIZE if batch_size is None else int(batch_size)
+    xd, yd = x.to(dev), y.to(dev)
+    alive = torch.cat([attacks.correct(model, xd[i:i + bs], yd[i:i + bs]) for i in range(0, len(xd), bs)])
+    out = torch.zeros(len(epsilons), len(xd), dtype=torch.bool)
+    for k in sorted(range(len(epsilons)), key=lambda i: float(epsilons[i])):
+        eps = float(epsilons[k])
+        if eps > 0:
+            idx = alive.nonzero().flatten()
+            for i in range(0, idx.numel(), bs):
+                sel = idx[i:i + bs]
+                xa = attack(model, xd[sel], yd[sel], eps)
+                attacks.assert_in_ball(xd[sel], xa, eps, getattr(attack, "keywords", {}).get("norm", "linf"))
+                alive[sel] &= attacks.correct(model, xa, yd[sel])
+        out[k] = alive.cpu()
+    return out
+
+
 def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilons: Sequence[float],
                         steps: int, step_size: float | None = None, stronger_steps: int | None = None,
                         unbounded_eps: float = 30.0, n_margin: int = 100, r: float = 5.0, n_samples: int = 256,
-                        seed: int = 0, device: str | torch.device | None = None) -> dict:
+                        seed: int = 0, device: str | torch.device | None = None, extra_attacks: dict | None = None,
+                        batch_size: int | None = None) -> dict:
     """Clean and L2-PGD accuracy (003 Table 1: step 0.01, 1000 iterations; our default step 2.5·eps/steps),
     plus the DESIGN §6 sanity rules, asserted: accuracy non-increasing in eps, eps = 0 is clean accuracy,
     an unbounded attack reaches 0% (median distortion reported), ``stronger_steps`` do not raise accuracy.
-    The average margin is measured on the first ``n_margin`` points (Lipschitz lower bound, and upper bound)."""
-    import functools
+    The average margin is measured on the first ``n_margin`` points (Lipschitz lower bound, and upper bound).
 
-    from . import attacks, train
+    ``extra_attacks`` (name -> ``attack(model, x, y, eps)``) join L2-PGD in the ensemble: the robust accuracy
+    of record ("worst") is the per-example worst case over all of them. The per-example booleans behind every
+    number are returned under "per_example" (for bootstrap intervals over test images). Computes on the
+    model's device (or ``device``) in chunks of ``batch_size``.
+    """
+    from . import attacks
 
     eps = [float(e) for e in epsilons]
     if any(e <= 0 for e in eps):
         raise ValueError(f"epsilons must be > 0 (eps = 0 is added), got {eps}")
-    pgd = functools.partial(attacks.pgd, steps=steps, step_size=step_size, norm="l2", loss="ce", seed=seed,
-                            device=device)
+    dev = _compute_device(model, device)
+    bs = EVAL_BATCH_SIZE if batch_size is None else int(batch_size)
+    xd, yd = x.to(dev), y.to(dev)
     grid = [0.0] + eps
+    ensemble = {"L2-PGD": l2_pgd(steps, step_size, seed)}
+    ensemble.update(extra_attacks or {})
     with torch.enable_grad():
-        acc = attacks.robust_accuracy(model, x, y, pgd, grid, batch_size=1000)
-        pred = train.predict(model, x, device=device).argmax(1).cpu()
-        clean = float((pred == y.cpu()).double().mean())
+        masks = {name: robust_masks(model, xd, yd, atk, grid, batch_size=bs) for name, atk in ensemble.items()}
+        worst = torch.stack(list(masks.values())).all(dim=0)  # (len(grid), N)
+        acc = [float(m.double().mean()) for m in masks["L2-PGD"]]
+        acc_worst = [float(m.double().mean()) for m in worst]
+        clean_mask = worst[0]
+        clean = acc_worst[0]
         stronger = None
         if stronger_steps:
-            strong = functools.partial(attacks.pgd, steps=stronger_steps, norm="l2", loss="ce", seed=seed + 1,
-                                       device=device)
-            stronger = [attacks.robust_accuracy(model, x, y, strong, grid, batch_size=1000)]
+            strong = robust_masks(model, xd, yd, l2_pgd(stronger_steps, None, seed + 1), grid, batch_size=bs)
+            stronger = [[float(m.double().mean()) for m in strong]]
         # an unbounded radius with a modest step (the largest eps over 10) and early stopping, so that the
         # distortion at the first adversarial iterate is a meaningful "how far did it have to go"
         unb_steps = max(steps, 100)
         unb_step = max(eps) / 10
-        x_unb = attacks.pgd(model, x, y, unbounded_eps, steps=unb_steps, step_size=unb_step, norm="l2", loss="ce",
-                            random_start=False, seed=seed, device=device)
-        z = train.predict(model, x_unb, device=device)
-        fooled = z.argmax(1).cpu() != y.cpu()
+        x_unb = torch.cat([attacks.pgd(model, xd[i:i + bs], yd[i:i + bs], unbounded_eps, steps=unb_steps,
+                                       step_size=unb_step, norm="l2", loss="ce", random_start=False, seed=seed)
+                           for i in range(0, len(xd), bs)])
+        fooled = torch.cat([~attacks.correct(model, x_unb[i:i + bs], yd[i:i + bs]) for i in range(0, len(xd), bs)])
+        fooled = fooled.cpu()
         unbounded = float(1.0 - fooled.double().mean())
-        dist = attacks.perturbation_norms(x, x_unb, "l2").cpu()
+        dist = attacks.perturbation_norms(xd, x_unb, "l2").cpu()
         median = float(dist[fooled].median()) if bool(fooled.any()) else math.nan
-    report = attacks.assert_sanity(grid, acc, clean=clean, unbounded=unbounded, median_distortion=median,
-                                   stronger=stronger, label="L2-PGD")
-    m = estimate_margins(model, x[:n_margin], y[:n_margin], r=r, n_samples=n_samples, upper=True, seed=seed,
-                         device=device)
-    return {"clean": clean, "epsilons": eps, "pgd": acc[1:], "pgd_stronger": None if stronger is None else stronger[0][1:],
+    report = attacks.assert_sanity(grid, acc_worst, clean=clean, unbounded=unbounded, median_distortion=median,
+                                   stronger=stronger, label="L2 ensemble")
+    m = estimate_margins(model, xd[:n_margin], yd[:n_margin], r=r, n_samples=n_samples, upper=True, seed=seed,
+                         device=dev)
+    return {"clean": clean, "epsilons": eps, "pgd": acc[1:], "worst": acc_worst[1:],
+            "pgd_stronger": None if stronger is None else stronger[0][1:],
             "unbounded_acc": unbounded, "unbounded_median_l2": median, "sanity": report["message"],
             "avg_margin_lower": summarize(m["lower"])[1], "avg_margin_upper": summarize(m["upper"])[1],
-            "margins": m, "attack": dict(name="pgd", norm="l2", loss="ce", steps=steps,
-                                         step_size=step_size if step_size is not None else "2.5*eps/steps",
-                                         random_start=True, restarts=1, stronger_steps=stronger_steps,
-                                         unbounded_eps=unbounded_eps, unbounded_steps=unb_steps,
-                                         unbounded_step_size=unb_step)}
+            "margins": m, "per_example": {"clean": clean_mask, "worst": dict(zip(eps, worst[1:])),
+                                          **{f"{name}": dict(zip(eps, mk[1:])) for name, mk in masks.items()}},
+            "attack": dict(name="pgd", norm="l2", loss="ce", steps=steps,
+                           step_size=step_size if step_size is not None else "2.5*eps/steps",
+                           random_start=True, restarts=1, stronger_steps=stronger_steps,
+                           unbounded_eps=unbounded_eps, unbounded_steps=unb_steps,
+                           unbounded_step_size=unb_step, ensemble=list(ensemble))}
 
 
 def compare_training(kind: str, dataset: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
