@@ -157,7 +157,7 @@ def test_steps_follow_the_trainers_batching():
     job = jobs.Job("99", "bal", model=mlp_job("a").model,
                    data=jobs.call(jobs.dataset, "mnist", "train", n=100, positive=0, negative=1),
                    fit={"cache": "t", "epochs": 3, "batch_size": 20, "sampler": "balanced"})
-    x, y = jobs.dataset("mnist", "train", n=100, positive=0, negative=1)
+    _, y = jobs.dataset("mnist", "train", n=100, positive=0, negative=1)
     larger = max(int((y == 1).sum()), int((y == -1).sum()))
     assert jobs.plan([job])[0].cost.steps == 3 * math.ceil(larger / 10)
 

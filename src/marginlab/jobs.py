@@ -36,7 +36,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ from torch.utils.flop_counter import flop_registry
 from . import config
 
 __all__ = [
-    "Spec", "Job", "Cost", "JobReport", "call", "model", "dataset", "build", "job_key", "estimate", "plan",
-    "run_jobs", "makespan", "chapter_jobs", "main", "CHAPTER_MODULES", "ASSUMED_GPU", "STATUSES",
+    "ASSUMED_GPU", "CHAPTER_MODULES", "STATUSES", "WORKER_ENV", "Built", "Cost", "Job", "JobReport", "Spec", "build",
+    "call", "chapter_jobs", "dataset", "estimate", "execute", "format_plan", "job_key", "main", "makespan", "model",
+    "plan", "resolve_chapter", "run_jobs",
 ]
 
 #: The chapter modules that publish ``training_jobs()`` (chapters 1 and 2 train no network).
@@ -491,8 +493,11 @@ def plan(jobs: Iterable[Job], *, cost: bool = True, **estimate_kwargs: Any) -> l
         raise ValueError(f"job names must be unique within a plan; repeated: {dup}")
     out = []
     for j in jobs:
-        b = build(j)
-        key = _key_of(b)
+        try:
+            b = build(j)
+            key = _key_of(b)
+        except Exception as err:
+            raise type(err)(f"job {j.label} cannot be built ({err}); configuration: {j.summary()}") from err
         out.append(dataclasses.replace(j, key=key, cost=_estimate_built(b, **estimate_kwargs) if cost else j.cost))
     return out
 
@@ -734,7 +739,7 @@ def _first_line(err: BaseException) -> str:
 def resolve_chapter(chapter: str) -> str:
     """The two-digit chapter number for "5", "05", "ch05", "05_angular_margin_penalty(.md)", "angular", ..."""
     text = Path(str(chapter)).stem.lower()
-    text = text[2:] if text.startswith("ch") else text
+    text = text.removeprefix("ch")
     head = text.split("_", 1)[0]
     if head.isdigit():
         return f"{int(head):02d}"
