@@ -225,3 +225,60 @@ def test_intervals_and_data_sizes_reach_the_results_file(tmp_path, monkeypatch):
     stored = data_["claims"][0]
     assert stored["verdict"] == PARTLY and Estimate.from_dict(stored["ours"]) == Estimate(93.0, 90.0, 96.0, n=207)
     assert scorecard.book_rows(root=tmp_path)[0]["standard"] == "93.0 [90.0, 96.0] (partly)"
+
+
+def _two_chapters(tmp_path):
+    for profile, ours in (("quick", 0.5), ("standard", 0.95)):
+        sc = Scorecard("01_two_point_dynamics", profile=profile)
+        sc.claim("a", "001 Fig 1: angle", 90, ours, scorecard.at_least(0.9, partly=0.4))
+        sc.claim("b", "000 eq. 1: share", 1, ours, scorecard.at_least(0.9))
+        sc.save(root=tmp_path)
+    sc = Scorecard("05_angular_margin_penalty", profile="quick")
+    sc.claim("c", "Table 4: accuracy (%)", 97.95, Estimate(96.0, 94.0, 98.0), scorecard.at_least(95.0))
+    sc.save(root=tmp_path)
+    return scorecard.book_entries(root=tmp_path)
+
+
+def test_overview_counts_and_figure_come_from_the_results(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.colors import to_hex
+
+    from marginlab import overview
+
+    entries = _two_chapters(tmp_path)
+    counts = overview.verdict_counts(entries)
+    assert counts["001"]["quick"] == {PARTLY: 1} and counts["001"]["standard"] == {REPRODUCED: 1}
+    assert counts["000"]["quick"] == {NOT_REPRODUCED: 1} and counts["002"]["full"] == {NOT_RUN: 1}
+    assert counts["002"]["quick"] == {PARTLY: 1}  # 96 [94, 98] straddles 95
+    fig = overview.overview_figure(entries)
+    assert [ax.get_title() for ax in fig.axes] == ["quick (live, CPU)", "standard (stored, CPU)",
+                                                    "full (stored, GPU)\nno run stored"]
+    # Bars: one row per (chapter, paper); their widths add up to the claims of each row.
+    for ax in fig.axes:
+        widths = {}
+        for bar in ax.patches:
+            widths.setdefault(round(bar.get_y() + bar.get_height() / 2), []).append(
+                (bar.get_width(), to_hex(bar.get_facecolor())))
+        assert sorted(sum(w for w, _ in row) for row in widths.values()) == [1, 1, 1]
+    quick = {to_hex(b.get_facecolor()) for b in fig.axes[0].patches if b.get_width() > 0}
+    assert quick == {scorecard.COLOURS[PARTLY], scorecard.COLOURS[NOT_REPRODUCED]}
+    html = overview.counts_html(entries)
+    assert html.count("<tr>") == 4 and "Xu et al. 2020" in html
+    detail = overview.chapters_html(entries, root=tmp_path)
+    assert 'href="../chapters/05_angular_margin_penalty.html"' in detail
+    assert ">5. Angular margin penalty</a></h3>" in detail and "[94.0, 98.0]" in detail
+
+
+def test_overview_without_results_says_so(tmp_path, monkeypatch):
+    import IPython.display
+
+    from marginlab import overview
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))
+    overview.show(results=tmp_path)
+    assert len(shown) == 1 and "No chapter has written results yet" in shown[0].data
+    with pytest.raises(ValueError, match="parts"):
+        overview.show(parts=("pie",), results=tmp_path)

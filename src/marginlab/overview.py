@@ -16,7 +16,7 @@ from . import scorecard as S
 
 PAPER_SHORT = {"000": "Nar et al. 2019a", "001": "Nar et al. 2019b", "002": "Xu et al. 2020",
                "003": "Wu & Yu 2019"}
-PROFILE_TITLES = {"quick": "quick (live, CPU minutes)", "standard": "standard (stored, CPU)",
+PROFILE_TITLES = {"quick": "quick (live, CPU)", "standard": "standard (stored, CPU)",
                   "full": "full (stored, GPU)"}
 
 
@@ -45,8 +45,8 @@ def overview_figure(entries: Sequence[dict[str, Any]], profiles: Sequence[str] =
 
     counts = verdict_counts(entries, profiles, key=lambda e: (e["chapter"], e["source"] or ""))
     groups = sorted(counts)
-    height = 1.3 + 0.42 * max(len(groups), 1)
-    fig, axes = plt.subplots(1, len(profiles), figsize=(10, height), sharey=True, sharex=True,
+    height = 1.4 + 0.5 * max(len(groups), 1)
+    fig, axes = plt.subplots(1, len(profiles), figsize=(8, height), sharey=True, sharex=True,
                              layout="constrained", squeeze=False)
     y = list(range(len(groups)))
     most = max((sum(counts[g][profiles[0]].values()) for g in groups), default=1)
@@ -57,18 +57,18 @@ def overview_figure(entries: Sequence[dict[str, Any]], profiles: Sequence[str] =
             ax.barh(y, widths, left=left, color=S.COLOURS[v], height=0.7, edgecolor="white", linewidth=0.6)
             for yi, (l0, w) in enumerate(zip(left, widths)):
                 if w:
-                    ax.text(l0 + w / 2, yi, str(w), ha="center", va="center", fontsize=7.5, color="white")
+                    ax.text(l0 + w / 2, yi, str(w), ha="center", va="center", fontsize=8.5, color="white")
             left = [a + b for a, b in zip(left, widths)]
         ran = sum(counts[g][p][v] for g in groups for v in S.VERDICTS if v != S.NOT_RUN)
-        ax.set_title(PROFILE_TITLES.get(p, p) + ("" if ran else "\nno run stored"), fontsize=9.5)
+        ax.set_title(PROFILE_TITLES.get(p, p) + ("" if ran else "\nno run stored"), fontsize=10)
         ax.set_xlim(0, most * 1.02 + 0.5)
-        ax.set_xlabel("claims", fontsize=8.5)
-        ax.tick_params(labelsize=8)
+        ax.set_xlabel("claims", fontsize=9)
+        ax.tick_params(labelsize=8.5)
         ax.spines[["top", "right"]].set_visible(False)
-    axes[0][0].set_yticks(y, [_row_label(c, s, root) for c, s in groups], fontsize=8)
+    axes[0][0].set_yticks(y, [_row_label(c, s, root) for c, s in groups], fontsize=9)
     axes[0][0].invert_yaxis()
     handles = [Patch(color=S.COLOURS[v], label=v) for v in S.VERDICTS]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8.5)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9.5)
     return fig
 
 

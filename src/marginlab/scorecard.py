@@ -572,7 +572,10 @@ def badge(verdict: str, title: str | None = None) -> str:
 
 
 def legend() -> str:
-    return ('<div class="ml-legend">' + " ".join(f"{badge(v)} {v}" for v in VERDICTS) + "</div>")
+    """The four verdicts as badges with their full names."""
+    return ('<div class="ml-legend">' + " ".join(
+        f'<span class="ml-badge" style="background:{COLOURS[v]}">{BADGE[v][0]} {v}</span>' for v in VERDICTS)
+        + "</div>")
 
 
 def _value_html(value: Any) -> str:
