@@ -282,3 +282,21 @@ def test_overview_without_results_says_so(tmp_path, monkeypatch):
     assert len(shown) == 1 and "No chapter has written results yet" in shown[0].data
     with pytest.raises(ValueError, match="parts"):
         overview.show(parts=("pie",), results=tmp_path)
+
+
+def test_show_saves_first_and_survives_damaged_stored_files(tmp_path, monkeypatch):
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda *objs: None)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "99_example.json").write_text("{not json")
+    (tmp_path / "standard").mkdir()
+    (tmp_path / "standard" / "99_example.json").write_text('{"claims": [{"id": "a"}, "junk"]}')
+    sc = Scorecard("99_example", profile="quick")
+    sc.claim("a", "a claim", 1, 1, scorecard.at_least(1))
+    with pytest.warns(UserWarning, match="unreadable"):
+        out = sc.show(root=tmp_path)
+    assert (tmp_path / "quick" / "99_example.json").is_file()  # saved before anything was rendered
+    assert "ml-v-reproduced" in out.data
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert sc.entries(root=tmp_path)[0]["results"]["standard"]["verdict"] == NOT_RUN

@@ -345,6 +345,8 @@ class Scorecard:
         self.claims: dict[str, Claim] = {}
         self.records: dict[str, Any] = {}
         self._start = time.perf_counter()
+        self._changes = 0  # claims and records added; compared with the count at the last save
+        self._saved_changes = -1
 
     def claim(self, id: str, description: str, paper: Any, ours: Any, rule: Rule,
               section: str | None = None, source: str | None = None) -> Claim:
@@ -358,11 +360,13 @@ class Scorecard:
             raise ValueError(f"source must be one of {sorted(PAPERS)}, got {source!r}")
         c = Claim(id, description, paper, ours, rule, section, source or paper_of(description, self.chapter))
         self.claims[id] = c
+        self._changes += 1
         return c
 
     def record(self, key: str, value: Any) -> None:
         """Keep a number or a curve (lists, arrays, tensors) for the results file."""
         self.records[key] = _jsonable(value)
+        self._changes += 1
 
     def provenance(self) -> dict[str, Any]:
         """Where and how this run was made: device, threads, commit, seconds, seeds, data sizes."""
@@ -391,6 +395,7 @@ class Scorecard:
         """Write ``results/<profile>/<chapter>.json`` atomically and return its path."""
         path = config.results_dir(root) / self.profile / f"{self.chapter}.json"
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        self._saved_changes = self._changes
         return path
 
     def profiles(self) -> list[str]:
@@ -400,7 +405,7 @@ class Scorecard:
     def entries(self, root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
         """Each claim with its result per profile: this run live, the other profiles from their files."""
         live = {c.id: c.to_dict() for c in self.claims.values()}
-        stored = {p: _claims_by_id(load_results(self.chapter, p, root))
+        stored = {p: _claims_by_id(_load_or_none(self.chapter, p, root))
                   for p in self.profiles() if p != self.profile}
         stored[self.profile] = live
         return _merge(self.chapter, stored, self.profiles())
@@ -423,16 +428,34 @@ class Scorecard:
         return self.to_html()
 
     def show(self, root: str | os.PathLike | None = None):
-        """Display the table in a notebook (HTML, with a Markdown fallback) and return it."""
+        """Display the table in a notebook (HTML) and return it.
+
+        Saves first when claims or records were added since the last :meth:`save`, so that
+        nothing shown can cost a finished run its results file.
+        """
         from IPython.display import HTML, display
 
+        if self._changes != self._saved_changes:
+            self.save(root)
         out = HTML(self.to_html(root))
         display(out)
         return out
 
 
 def _claims_by_id(results: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    return {c["id"]: c for c in (results or {}).get("claims", [])}
+    return {c["id"]: c for c in (results or {}).get("claims", []) if isinstance(c, dict) and "id" in c}
+
+
+def _load_or_none(chapter: str, profile: str, root: str | os.PathLike | None) -> dict[str, Any] | None:
+    """:func:`load_results`, but an unreadable file counts as no run (with a warning), so that
+    a damaged stored file never breaks the display of a live run."""
+    try:
+        return load_results(chapter, profile, root)
+    except (OSError, ValueError) as err:
+        import warnings
+
+        warnings.warn(f"ignoring unreadable results/{profile}/{chapter}.json: {err}", stacklevel=3)
+        return None
 
 
 def _merge(chapter: str, by_profile: dict[str, dict[str, dict[str, Any]]],
@@ -453,7 +476,8 @@ def _merge(chapter: str, by_profile: dict[str, dict[str, dict[str, Any]]],
             "rule": base.get("rule", ""),
             "section": base.get("section"),
             "source": base.get("source") or paper_of(base.get("description", ""), chapter),
-            "results": {p: ({"ours": by_profile[p][cid].get("ours"), "verdict": by_profile[p][cid]["verdict"],
+            "results": {p: ({"ours": by_profile[p][cid].get("ours"),
+                             "verdict": by_profile[p][cid].get("verdict", NOT_RUN),
                              "rule": by_profile[p][cid].get("rule", "")}
                             if cid in by_profile.get(p, {}) else None) for p in profiles},
         })
@@ -500,7 +524,7 @@ def book_entries(root: str | os.PathLike | None = None,
     """Every stored claim of every chapter with its result per profile (see :meth:`Scorecard.entries`)."""
     entries = []
     for chapter in chapters_with_results(root, profiles):
-        by_profile = {p: _claims_by_id(load_results(chapter, p, root)) for p in profiles}
+        by_profile = {p: _claims_by_id(_load_or_none(chapter, p, root)) for p in profiles}
         entries += _merge(chapter, by_profile, profiles)
     return entries
 
