@@ -99,3 +99,23 @@ def test_extract_features_matches_model_features_and_restores_mode():
     with torch.no_grad():
         torch.testing.assert_close(F, model.features(x))
     assert 1.0 <= features.effective_rank(F) <= 36
+
+
+def test_extract_features_on_a_device_model_returns_on_the_callers_device(monkeypatch):
+    import device_strict as ds
+
+    from marginlab import features, models
+
+    torch.manual_seed(0)
+    model = models.LeNet(in_channels=1, num_classes=3)
+    x = torch.rand(9, 1, 28, 28)
+    ref = features.extract_features(model, x)
+    with ds.strict_device() as dev:
+        model.to(dev)
+        out = features.extract_features(model, x, batch_size=4)
+        assert out.device.type == "cpu" and not ds.is_device_tensor(out)
+        on_dev = features.extract_features(model, x.to(dev))
+        assert on_dev.device.type == "meta"
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(on_dev.cpu(), ref)
+        assert features.effective_rank(out) > 1

@@ -155,21 +155,23 @@ def test_lipschitz_bound_deterministic_and_batch_independent():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
     x, y = torch.rand(9, 20), torch.randint(0, 3, (9,))
-    kw = dict(r=2.0, n_samples=300)  # > one sample block, so chunks straddle blocks for odd batch sizes
-    a = margins.lipschitz_lower_bound(model, x, y, batch_size=1024, seed=1, **kw)
-    assert torch.equal(a, margins.lipschitz_lower_bound(model, x, y, batch_size=1024, seed=1, **kw))
-    for bs in (7, 100, 256, 5000):
+    kw = dict(r=2.0, n_samples=margins.SAMPLE_BLOCK + 300)  # > one sample block: chunks straddle blocks
+    a = margins.lipschitz_lower_bound(model, x, y, batch_size=4096, seed=1, **kw)
+    assert torch.equal(a, margins.lipschitz_lower_bound(model, x, y, batch_size=4096, seed=1, **kw))
+    for bs in (77, 1000, 1024, 20000):
         torch.testing.assert_close(margins.lipschitz_lower_bound(model, x, y, batch_size=bs, seed=1, **kw), a,
                                    rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(margins.lipschitz_lower_bound(model, x[:4], y[:4], seed=1, **kw), a[:4],
                                rtol=1e-5, atol=1e-6)
     assert not torch.equal(a, margins.lipschitz_lower_bound(model, x, y, seed=2, **kw))
     # samples lie in the ball, uniformly enough that their mean radius is near d/(d+1) r
-    pts = margins._point_samples(x[0], 2.0, 2000, "l2", 1, 0)
+    pts = margins._point_samples(x[0], 2.0, 3000, "l2", 1, 0)
     radii = (pts - x[0]).norm(dim=1)
-    assert pts.shape == (2000, 20) and float(radii.max()) <= 2.0 + 1e-6
+    assert pts.shape == (3000, 20) and pts.dtype == torch.float32 and float(radii.max()) <= 2.0 + 1e-5
     assert float(radii[1:].mean()) == pytest.approx(2.0 * 20 / 21, rel=0.02)
-    assert torch.equal(pts[300:700], margins._point_samples(x[0], 2.0, 2000, "l2", 1, 0, 300, 700))
+    assert torch.equal(pts[300:2700], margins._point_samples(x[0], 2.0, 3000, "l2", 1, 0, 300, 2700))
+    box = margins._point_samples(x[0], 0.5, 3000, "linf", 1, 0)
+    assert float((box - x[0]).abs().max()) <= 0.5 + 1e-6 and float((box - x[0]).abs().max()) > 0.49
     assert len(margins.lipschitz_lower_bound(model, x[:0], y[:0], **kw)) == 0
 
 
@@ -214,3 +216,98 @@ def test_histogram_and_errors():
         margins.lipschitz_lower_bound(model, torch.rand(2, 4), torch.tensor([0, 1]), r=0.0, n_samples=4)
     with pytest.raises(ValueError, match="labels"):
         margins.lipschitz_lower_bound(model, torch.rand(2, 4), torch.tensor([0, 5]), r=1.0, n_samples=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the float64 CPU implementation this package used before the device-side sampler (kept as a reference)
+
+
+def _old_ball_samples(x, r, n, norm, gen):
+    d = x.numel()
+    if norm == "linf":
+        delta = (torch.rand((n, d), generator=gen, dtype=torch.float64) * 2 - 1) * r
+    else:
+        u = torch.randn((n, d), generator=gen, dtype=torch.float64)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        delta = u * (r * torch.rand((n, 1), generator=gen, dtype=torch.float64).pow(1.0 / d))
+    return x.reshape(1, -1) + delta.to(dtype=x.dtype)
+
+
+def _old_lipschitz_float64(model, x, y, r, n_samples, seed=0, norm="l2", block=256):
+    """One point at a time, samples drawn on the CPU in float64 (blocks of 256 from per-block generators)."""
+    out = []
+    with torch.no_grad():
+        z0 = model(x)
+    k = z0.shape[1]
+    for i in range(len(x)):
+        c = int(z0[i].argmax())
+        parts = []
+        for blk in range((n_samples - 1) // block + 1):
+            st = np.random.SeedSequence([seed, i, blk]).generate_state(2, np.uint32)
+            gen = torch.Generator().manual_seed(int(st[0]) << 31 | int(st[1]) >> 1)
+            pts = _old_ball_samples(x[i].reshape(-1), r, min(block, n_samples - blk * block), norm, gen)
+            if blk == 0:
+                pts[0] = x[i].reshape(-1)
+            parts.append(pts)
+        pts = torch.cat(parts).view(-1, *x.shape[1:]).requires_grad_(True)
+        z = model(pts)
+        lip = []
+        for j in range(k):
+            (g,) = torch.autograd.grad((z[:, c] - z[:, j]).sum(), pts, retain_graph=True)
+            g = g.flatten(1).double()
+            lip.append(float((g.abs().sum(1) if norm == "linf" else g.norm(dim=1)).max()))
+        gaps = (z0[i, c] - z0[i]).double()
+        best = min((float(gaps[j]) / lip[j] for j in range(k) if j != c and lip[j] > 0), default=np.inf)
+        m = min(best, r)
+        out.append(m if c == int(y[i]) else -m)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_lipschitz_bound_matches_the_old_float64_cpu_sampler(norm):
+    """Sampling on the model's device in float32 changes the samples, not the estimate: on a fixed smooth net in
+    low dimension, where many samples pin the ball's largest gradient down, both samplers agree within 2 %
+    (and exactly on a linear model, whose gradient is constant)."""
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 3))
+    x = torch.rand(6, 1, 2, 2)
+    y = torch.randint(0, 3, (6,))
+    r = 0.3 if norm == "l2" else 0.15
+    old = _old_lipschitz_float64(net, x, y, r, 3000, seed=0, norm=norm)
+    new = margins.lipschitz_lower_bound(net, x, y, r=r, n_samples=3000, seed=0, norm=norm)
+    assert new.dtype == torch.float32
+    torch.testing.assert_close(new.double(), old, rtol=0.02, atol=1e-6)
+    assert not torch.equal(new.double(), old)  # the samples did change
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    torch.testing.assert_close(margins.lipschitz_lower_bound(lin, x, y, r=5.0, n_samples=50, norm=norm).double(),
+                               _old_lipschitz_float64(lin, x, y, 5.0, 50, norm=norm), rtol=1e-5, atol=1e-6)
+
+
+def test_estimators_return_on_the_callers_device_and_restore_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    x, y = torch.rand(10, 5), torch.randint(0, 3, (10,))
+    low = margins.lipschitz_lower_bound(model, x, y, r=1.0, n_samples=20, device="cpu")
+    up = margins.upper_bound(model, x, y, methods=("deepfool",), batch_size=3)
+    assert low.device == x.device and up.device == x.device and up.dtype == torch.float64
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    # chunking over points does not change the upper bound
+    torch.testing.assert_close(up, margins.upper_bound(model, x, y, methods=("deepfool",)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        margins.lipschitz_lower_bound(model, x, y, r=1.0, n_samples=4, batch_size=0)
+    with pytest.raises(ValueError, match="norm"):
+        margins.lipschitz_lower_bound(model, x, y, r=1.0, n_samples=4, norm="l7")
+
+
+def test_multiclass_linear_margins_need_no_n_by_k_by_d_tensor():
+    """Large (N, d) inputs: the facet normals' norms come from the (K, K) table, so memory is O(N K + K^2 d)."""
+    rng = np.random.default_rng(4)
+    W, b = rng.normal(size=(10, 3072)), rng.normal(size=10)
+    X = rng.random(size=(2000, 3072))
+    y = rng.integers(0, 10, size=2000)
+    m = margins.linear_margins(W, b, X, y)
+    Z = X[:5] @ W.T + b
+    for i in range(5):
+        c = Z[i].argmax()
+        ref = min((Z[i, c] - Z[i, j]) / np.linalg.norm(W[c] - W[j]) for j in range(10) if j != c)
+        assert abs(m[i]) == pytest.approx(ref, rel=1e-12)

@@ -373,3 +373,157 @@ def test_cache_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         train.fit(_net(), x, y, cache="atomic", **dict(FAST, epochs=1))
     assert not any(os.scandir(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the device boundary (issue 12): the device-strict mode makes CUDA's device errors fail on a CPU
+
+import device_strict as ds  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture
+def strict(monkeypatch):
+    monkeypatch.setenv("MARGINLAB_DEVICE", "meta")
+    with ds.strict_device() as dev:
+        yield dev
+
+
+def test_until_zero_error_on_a_device_model_with_cpu_data(strict):
+    """Regression: accuracy() compared CPU predictions with device labels, so training "until zero training
+    error" crashed at epoch 1 on a GPU (chapters 3 and 4)."""
+    x, y = _toy()
+    model = _net()
+    h = train.fit(model, x, y, until_zero_error=True, **dict(FAST, epochs=200))
+    assert h.meta["stopped"] == "zero_error" and h.last["train_err"] == 0.0
+    assert next(model.parameters()).device.type == "meta"
+    assert train.accuracy(model, x, y) == 1.0  # CPU data, device model
+    xd, yd = x.to(strict), y.to(strict)
+    assert train.accuracy(model, xd, yd) == 1.0  # device data
+    assert train.accuracy(model, x, yd) == 1.0  # labels on the device, inputs on the CPU
+    out_cpu, out_dev = train.predict(model, x), train.predict(model, xd, batch_size=7)
+    assert out_cpu.device.type == "cpu" and not ds.is_device_tensor(out_cpu)  # the caller's device
+    assert out_dev.device.type == "meta"
+    torch.testing.assert_close(out_dev.cpu(), out_cpu)
+
+
+def test_augmented_training_on_the_device(strict):
+    torch.manual_seed(0)
+    x = torch.rand(40, 3, 8, 8)
+    y = torch.randint(0, 3, (40,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    h = train.fit(model, x, y, augment="crop_flip", lr_schedule="step:2:0.5", **dict(FAST, epochs=3))
+    assert h.column("lr")[1:] == [0.05, 0.05, 0.025]
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device-to-host reads (item(), float(t), bool(t), nonzero...): each one is a sync on a GPU."""
+
+    SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                torch.ops.aten.unique_consecutive.default, torch.ops.aten._unique2.default}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNC_OPS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("augment", [None, "crop_flip"])
+def test_training_syncs_with_the_host_once_per_epoch_not_per_step(augment):
+    """The number of host reads depends on the number of epochs, not on the number of steps."""
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 6, 6), torch.randint(0, 2, (64,))
+    counts = {}
+    for batch_size in (32, 4):  # 2 vs 16 steps per epoch
+        model = nn.Sequential(nn.Flatten(), nn.Linear(36, 2))
+        with _SyncCounter() as c:
+            train.fit(model, x, y, epochs=3, batch_size=batch_size, progress=False, augment=augment)
+        counts[batch_size] = c.n
+    assert counts[32] == counts[4], counts
+    assert counts[4] <= 3 * 3, counts  # a handful per epoch
+
+
+def test_evaluation_helpers_chunk_without_changing_results():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).train()
+    x, y = torch.rand(50, 3, 2, 2), torch.randint(0, 5, (50,))
+    full = train.predict(model, x)
+    assert train.EVAL_BATCH_SIZE >= 256
+    for bs in (1, 7, 50, 4096):
+        torch.testing.assert_close(train.predict(model, x, batch_size=bs), full)
+        assert train.accuracy(model, x, y, batch_size=bs) == pytest.approx(float((full.argmax(1) == y).float().mean()))
+    assert model.training  # eval mode only inside the helpers
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            train.predict(model, x, batch_size=bad)
+
+
+def test_crop_flip_is_a_padded_crop_or_its_mirror_and_is_seeded():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    out = train.crop_flip(x, torch.Generator().manual_seed(1))
+    again = train.crop_flip(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and out.shape == x.shape
+    assert not torch.equal(out, train.crop_flip(x, torch.Generator().manual_seed(2)))
+    padded = nn.functional.pad(x, (4, 4, 4, 4))
+    flips = shifts = 0
+    for i in range(64):  # brute force: each output is one of the 9 x 9 crops of the padded image, maybe mirrored
+        found = None
+        for dy in range(9):
+            for dx in range(9):
+                crop = padded[i, :, dy:dy + 8, dx:dx + 8]
+                for flip in (False, True):
+                    if torch.equal(out[i], crop.flip(-1) if flip else crop):
+                        found = (dy, dx, flip)
+        assert found is not None, i
+        flips += found[2]
+        shifts += (found[0], found[1]) != (4, 4)
+    assert 15 < flips < 49 and shifts > 50  # both coins land, most crops are shifted
+    assert torch.equal(train.crop_flip(x, torch.Generator().manual_seed(1), padding=0).flip(-1).flip(-1),
+                       train.crop_flip(x, torch.Generator().manual_seed(1), padding=0))
+    with pytest.raises(ValueError, match="images"):
+        train.crop_flip(torch.rand(4, 8))
+
+
+def test_step_schedule_is_the_papers_decay_and_a_named_schedule():
+    s = train.step_schedule(60, 0.9)
+    assert [s(e) for e in (0, 59, 60, 119, 120, 399)] == pytest.approx([1, 1, 0.9, 0.9, 0.81, 0.9 ** 6])
+    x, y = _toy()
+    h = train.fit(_net(), x, y, lr_schedule="step:2:0.5", **dict(FAST, epochs=5))
+    assert h.column("lr")[1:] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125])
+    kw = dict(cache="t", **{k: v for k, v in FAST.items() if k != "progress"})
+    model = _net()
+    assert train.cache_key(model, x, y, lr_schedule="step:2:0.5", **kw) == \
+        train.cache_key(model, x, y, lr_schedule=train.StepSchedule(2, 0.5), **kw)
+    assert train.cache_key(model, x, y, lr_schedule="step:2:0.5", **kw) != \
+        train.cache_key(model, x, y, lr_schedule="step:3:0.5", **kw)
+    for bad in ("step:0:0.5", "step:2", "step:a:b", "linear"):
+        with pytest.raises(ValueError, match="lr_schedule|every|gamma"):
+            train.fit(_net(), x, y, lr_schedule=bad, **FAST)
+
+
+def test_augmentation_is_part_of_the_cache_key_and_reproducible(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.rand(48, 3, 8, 8), torch.randint(0, 2, (48,))
+
+    def make():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+
+    kw = dict(optimizer="adam", lr=0.01, epochs=2, batch_size=16, cache="aug")
+    keys = {a: train.cache_key(make(), x, y, augment=a, **kw) for a in (None, "crop_flip")}
+    assert keys[None] != keys["crop_flip"]
+    assert keys[None] == train.cache_key(make(), x, y, **kw)  # runs without augmentation keep their keys
+    a, b, plain = make(), make(), make()
+    ha = train.fit(a, x, y, augment="crop_flip", progress=False, **kw)
+    train.fit(b, x, y, augment="crop_flip", progress=False, **dict(kw, cache=None))
+    train.fit(plain, x, y, progress=False, **dict(kw, cache=None))
+    assert _same(a, b) and not _same(a, plain)  # seeded augmentation; and it does change the training
+    assert ha.meta["key"] == keys["crop_flip"]
+    with pytest.raises(ValueError, match="augment"):
+        train.fit(make(), x, y, augment="mixup", progress=False, **kw)
+    with pytest.raises(ValueError, match="augment must return"):
+        train.fit(make(), x, y, augment=lambda xb, g: xb[:, :, :4], progress=False, **dict(kw, cache=None))

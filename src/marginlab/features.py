@@ -95,22 +95,21 @@ def effective_rank(F: Any, centered: bool = True) -> float:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int | None = None,
                      device: str | torch.device | None = None) -> torch.Tensor:
-    """``model.features(x)`` for all of x, batched, in eval mode under ``no_grad``: a (N, d) CPU tensor.
+    """``model.features(x)`` for all of x in eval mode under ``no_grad``: a (N, d) tensor on ``x``'s device.
 
-    ``device`` defaults to the device of the model's parameters; the model's train/eval flags are restored.
+    Computed on the model's device (``device`` overrides), ``batch_size`` rows at a time (default
+    ``train.EVAL_BATCH_SIZE``); the model's train/eval flags are restored.
     """
-    from .train import _as_x, _model_device, _model_dtype, eval_mode
+    from .train import _as_x, _eval_batches, eval_mode
 
     if not hasattr(model, "features"):
         raise AttributeError(f"{type(model).__name__} has no .features(x) method")
+    home = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     x = _as_x(x)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev, dtype = _model_device(model, device), _model_dtype(model)
     outs = []
     with eval_mode(model):
-        for i in range(0, x.shape[0], batch_size):
-            outs.append(model.features(x[i:i + batch_size].to(dev, dtype=dtype)).flatten(1).cpu())
-    return torch.cat(outs)
+        for _, xb in _eval_batches(model, x, batch_size, device):
+            outs.append(model.features(xb).flatten(1))
+    return torch.cat(outs).to(home)

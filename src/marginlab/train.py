@@ -43,11 +43,15 @@ from . import config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SAMPLERS = ("shuffle", "balanced")
+AUGMENTATIONS = ("crop_flip",)
+#: Rows per forward pass of the evaluation helpers: WRN-34-10 on 32×32 images needs about 3 GB at this size
+#: under ``no_grad``, the small nets far less, so it fits a 24 GB card with room for the resident data.
+EVAL_BATCH_SIZE = 1024
 _CACHE_FORMAT = 1
 
 __all__ = [
     "History", "fit", "predict", "accuracy", "cache_key", "cache_path", "eval_mode", "class_indices",
-    "OPTIMIZERS", "SAMPLERS",
+    "OPTIMIZERS", "SAMPLERS", "AUGMENTATIONS", "EVAL_BATCH_SIZE", "StepSchedule", "step_schedule", "crop_flip",
 ]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
@@ -191,33 +195,50 @@ def _predicted_class(out: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
+def _eval_batches(model: nn.Module, x: torch.Tensor, batch_size: int | None,
+                  device: str | torch.device | None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, chunk on the model's device, in the model's dtype) for every ``batch_size`` rows of ``x``."""
+    if batch_size is None:
+        batch_size = EVAL_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dev, dtype = _model_device(model, device), _model_dtype(model)
+    for i in range(0, x.shape[0], int(batch_size)):
+        rows = slice(i, i + int(batch_size))
+        yield rows, x[rows].to(dev, dtype=dtype, non_blocking=True)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None,
             device: str | torch.device | None = None) -> torch.Tensor:
-    """Model outputs (logits) for ``x``, batched, in eval mode under ``no_grad``; returned on the CPU.
+    """Model outputs (logits) for ``x`` in eval mode under ``no_grad``, ``batch_size`` rows at a time
+    (default :data:`EVAL_BATCH_SIZE`), computed on the model's device and returned on ``x``'s device
+    (the CPU for a NumPy array).
 
     ``device`` defaults to the device of the model's parameters (the model is not moved)."""
+    home = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     x = _as_x(x)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = _model_device(model, device)
-    dtype = _model_dtype(model)
     outs = []
     with eval_mode(model):
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(dev, dtype=dtype, non_blocking=True)
-            outs.append(model(xb).cpu())
-    return torch.cat(outs)
+        for _, xb in _eval_batches(model, x, batch_size, device):
+            outs.append(model(xb))
+    return torch.cat(outs).to(home)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None,
              device: str | torch.device | None = None) -> float:
-    """Fraction of ``x`` classified as ``y`` (eval mode, batched). ±1 labels are mapped to classes {0, 1}."""
+    """Fraction of ``x`` classified as ``y`` (eval mode, ``batch_size`` rows at a time on the model's device;
+    one host synchronisation at the end). ±1 labels are mapped to classes {0, 1}."""
     x = _as_x(x)
     yi = class_indices(_as_y(y, x.shape[0]))
-    pred = _predicted_class(predict(model, x, batch_size, device))
-    return float((pred == yi).float().mean())
+    correct = None
+    with eval_mode(model):
+        for rows, xb in _eval_batches(model, x, batch_size, device):
+            out = model(xb)
+            hits = (_predicted_class(out) == yi[rows].to(out.device, non_blocking=True)).sum()
+            correct = hits if correct is None else correct + hits
+    return float(correct) / x.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -316,11 +337,12 @@ def cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cache: str,
               epochs: int = 10, batch_size: int = 128, sampler: str = "shuffle", seed: int = 0,
               lr_schedule: str | Callable[[int], float] | None = None, until_zero_error: bool = False,
               max_steps: int | None = None, callbacks: Sequence[Callback] = (),
-              device: str | torch.device | None = None, progress: bool | None = None) -> str:
+              device: str | torch.device | None = None, progress: bool | None = None,
+              augment: str | Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None) -> str:
     """The sha256 cache key :func:`fit` uses for the same arguments (call it with ``fit``'s keyword arguments).
 
     Hashes: the model's class and repr, its *current* (initial) state dict, x and y (shape, dtype, bytes),
-    every hyperparameter, the loss function (qualname, bytecode, closure values / partial arguments;
+    every hyperparameter (the augmentation included), the loss function (qualname, bytecode, closure values / partial arguments;
     ``None`` ≡ ``losses.cross_entropy``), the lr schedule, the callbacks (their values go into the cached
     history), the tag ``cache`` and a format version. Not hashed: ``device`` and ``progress`` (a model
     trained on a GPU is reused on the CPU) and module-level globals a loss reads. Mutable objects captured by a
@@ -339,10 +361,12 @@ def cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cache: str,
                       epochs=int(epochs), batch_size=int(batch_size), sampler=sampler, seed=int(seed),
                       until_zero_error=bool(until_zero_error),
                       max_steps=None if max_steps is None else int(max_steps)),
-        "lr_schedule": _fingerprint(lr_schedule),
+        "lr_schedule": _fingerprint(_parse_schedule(lr_schedule)),
         "callbacks": _fingerprint(tuple(callbacks)),
         "tag": str(cache),
     }
+    if augment is not None:  # only when given, so the keys of runs without augmentation stay what they were
+        parts["augment"] = _fingerprint(_augmenter(augment))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -448,6 +472,92 @@ def _lr_factor(schedule: str | Callable[[int], float] | None, epoch: int, epochs
     raise ValueError(f"lr_schedule must be None, 'cosine' or a callable(epoch) -> factor, got {schedule!r}")
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """Learning-rate factor ``gamma ** (epoch // every)``: a step decay every ``every`` epochs.
+
+    Xu, Li & Yang 2020 §4.1 (WRN-34-10 on CIFAR-10): Adam, lr 0.01, "decays with a factor of 0.9 for each 60
+    training epoches", 400 epochs — ``StepSchedule(60, 0.9)``, or ``lr_schedule="step:60:0.9"`` in :func:`fit`.
+    """
+
+    every: int
+    gamma: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
+            raise ValueError(f"every must be a positive int (epochs), got {self.every!r}")
+        if not (isinstance(self.gamma, numbers.Real) and 0 < self.gamma and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be a positive finite factor, got {self.gamma!r}")
+
+    def __call__(self, epoch: int) -> float:
+        return float(self.gamma) ** (int(epoch) // int(self.every))
+
+
+def step_schedule(every: int, gamma: float) -> StepSchedule:
+    """The step decay ``lr · gamma^(epoch // every)`` as an ``lr_schedule`` for :func:`fit`."""
+    return StepSchedule(int(every) if isinstance(every, numbers.Integral) else every, float(gamma))
+
+
+def _parse_schedule(schedule: Any) -> str | Callable[[int], float] | None:
+    """None | "cosine" | "step:EVERY:GAMMA" (→ :class:`StepSchedule`) | a callable; anything else raises."""
+    if schedule is None or schedule == "cosine" or (callable(schedule) and not isinstance(schedule, str)):
+        return schedule
+    if isinstance(schedule, str) and schedule.startswith("step:"):
+        try:
+            _, every, gamma = schedule.split(":")
+            return StepSchedule(int(every), float(gamma))
+        except ValueError as err:
+            raise ValueError(f"lr_schedule {schedule!r}: write 'step:EVERY:GAMMA', e.g. 'step:60:0.9' ({err})") from None
+    raise ValueError(
+        f"lr_schedule must be None, 'cosine', 'step:EVERY:GAMMA' or a callable(epoch) -> factor, got {schedule!r}"
+    )
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
+    """Random ``padding``-pixel-padded crop + random horizontal flip of a batch of images (N, C, H, W),
+    the CIFAR augmentation of He et al. 2016 and Zagoruyko & Komodakis 2016, used by Xu, Li & Yang 2020 §4.1
+    ("4-pixel padding with 32×32 random crop and horizontal flip").
+
+    Batched on ``x``'s device: one offset pair and one coin per image, drawn from ``generator`` (which must
+    live on that device; None: the global RNG). Zero padding, as torchvision's ``RandomCrop(32, padding=4)``
+    applied before normalisation. Returns a new tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"crop_flip needs a batch of images (N, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    n, c, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
+    flip = torch.randint(0, 2, (n,), device=dev, generator=generator).bool()
+    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    rows = oy[:, None] + ar_h  # (n, h)
+    cols = torch.where(flip[:, None], ox[:, None] + (w - 1 - ar_w), ox[:, None] + ar_w)  # (n, w), reversed = flip
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def _augmenter(augment: Any) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
+    if augment is None:
+        return None
+    if augment == "crop_flip":
+        return crop_flip
+    if callable(augment) and not isinstance(augment, str):
+        return augment
+    raise ValueError(f"augment must be None, one of {AUGMENTATIONS} or a callable(xb, generator) -> xb, "
+                     f"got {augment!r}")
+
+
+def _device_generator(dev: torch.device, seed: int) -> torch.Generator | None:
+    """A generator on ``dev`` seeded with ``seed`` (None where the device has none: the forked global RNG)."""
+    try:
+        return torch.Generator(device=dev).manual_seed(seed)
+    except (RuntimeError, TypeError):
+        return None
+
+
 def _shuffle_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=gen)
     batches = list(perm.split(batch_size))
@@ -485,7 +595,7 @@ def _progress_enabled(progress: bool | None) -> bool:
 
 
 def _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_size, sampler, seed, max_steps,
-              callbacks, lr_schedule, cache):
+              callbacks, lr_schedule, cache, augment):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer not in OPTIMIZERS:
@@ -508,8 +618,8 @@ def _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_
         raise ValueError(f"max_steps must be None or a non-negative int, got {max_steps!r}")
     if not all(callable(cb) for cb in callbacks):
         raise TypeError("callbacks must be callables cb(epoch, model) -> dict")
-    if lr_schedule is not None and lr_schedule != "cosine" and not callable(lr_schedule):
-        raise ValueError(f"lr_schedule must be None, 'cosine' or a callable(epoch) -> factor, got {lr_schedule!r}")
+    _parse_schedule(lr_schedule)
+    _augmenter(augment)
     if cache is not None and (not isinstance(cache, str) or not cache):
         raise ValueError(f"cache must be None or a non-empty tag string, got {cache!r}")
     if sampler == "balanced" and batch_size < 2:
@@ -567,7 +677,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
         epochs: int = 10, batch_size: int = 128, sampler: str = "shuffle", seed: int = 0,
         device: str | torch.device | None = None, callbacks: Sequence[Callback] = (), cache: str | None = None,
         progress: bool | None = None, lr_schedule: str | Callable[[int], float] | None = None,
-        until_zero_error: bool = False, max_steps: int | None = None) -> History:
+        until_zero_error: bool = False, max_steps: int | None = None,
+        augment: str | Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None) -> History:
     """Train ``model`` in place on (x, y) by mini-batch gradient descent and return its :class:`History`.
 
     Args:
@@ -591,15 +702,26 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
         cache: a tag; if given, the trained weights and history are cached under :func:`cache_key` and a hit loads
             them instead of training (``history.cached`` is True).
         progress: tqdm bar over epochs; default on only in a terminal without ``$CI``.
-        lr_schedule: None, "cosine" (per epoch, from lr to 0) or ``f(epoch) -> factor`` (epoch = 0, 1, ... of the
-            epoch about to be trained); the row's ``lr`` is the rate used in that epoch.
+        lr_schedule: None, "cosine" (per epoch, from lr to 0), "step:EVERY:GAMMA" (:class:`StepSchedule`, e.g.
+            "step:60:0.9" for Xu, Li & Yang 2020) or ``f(epoch) -> factor`` (epoch = 0, 1, ... of the epoch about to
+            be trained); the row's ``lr`` is the rate used in that epoch.
+        augment: None, "crop_flip" (:func:`crop_flip`: pad-4 random crop + horizontal flip, batched on the device)
+            or ``f(xb, generator) -> xb``; applied to every training batch with a generator on the training device
+            seeded by ``seed``. ``train_acc`` is then measured on the augmented batches; ``train_err`` and the
+            callbacks see the original data. Part of the cache key.
         until_zero_error: after each epoch measure the exact training error (eval mode) as ``train_err`` and stop
             once it is 0 ("train to zero training error", 000/001/003).
+
+    Device boundary: the data are moved to ``device`` once and stay resident there for the run; batches are
+    index gathers on the device; the only host synchronisations are one per epoch (the epoch's loss, and the
+    exact training error with ``until_zero_error``). An interrupted run writes nothing to the cache (the cache
+    file appears atomically, complete, after the last epoch).
 
     The model's train/eval flags are restored at the end. Returns the :class:`History`.
     """
     _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_size, sampler, seed, max_steps,
-              callbacks, lr_schedule, cache)
+              callbacks, lr_schedule, cache, augment)
+    lr_schedule = _parse_schedule(lr_schedule)
     epochs, batch_size, seed, lr = int(epochs), int(batch_size), int(seed), float(lr)
     max_steps = None if max_steps is None else int(max_steps)
     x = _as_x(x)
@@ -619,7 +741,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
         key = cache_key(model, x, y, cache=cache, loss_fn=loss_fn, optimizer=optimizer, lr=lr, momentum=momentum,
                         weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, sampler=sampler, seed=seed,
                         lr_schedule=lr_schedule, until_zero_error=until_zero_error, max_steps=max_steps,
-                        callbacks=callbacks)
+                        callbacks=callbacks, augment=augment)
     model.to(dev)
     if key is not None:
         hit = _load_cached(cache_path(key), key, model)
@@ -633,7 +755,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
         torch.manual_seed(seed)
         history = _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, momentum, weight_decay,
                          epochs, batch_size, sampler, seed, callbacks, progress, lr_schedule, until_zero_error,
-                         max_steps)
+                         max_steps, _augmenter(augment))
     for m, flag in modes:
         m.training = flag
     history.meta.update(seconds=round(time.perf_counter() - start, 3), key=key, cached=False, device=str(dev),
@@ -644,12 +766,14 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
 
 
 def _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, momentum, weight_decay, epochs,
-           batch_size, sampler, seed, callbacks, progress, lr_schedule, until_zero_error, max_steps) -> History:
+           batch_size, sampler, seed, callbacks, progress, lr_schedule, until_zero_error, max_steps,
+           augment) -> History:
     dtype = _model_dtype(model)
     xd = x.to(dev, dtype=dtype)  # resident for the whole run: batches are index gathers
     yd = (y_idx if default_ce else y).to(dev)
     yid = y_idx.to(dev)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the batch order: CPU, replayed by differential.pair_usage
+    aug_gen = _device_generator(dev, seed) if augment is not None else None
     opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     tap = None if default_ce else _LogitTap(_logit_module(model))
     history = History(rows=[{"epoch": 0, **_run_callbacks(callbacks, 0, model)}])
@@ -670,14 +794,21 @@ def _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, 
             for g in opt.param_groups:
                 g["lr"] = lr_now
             model.train()
-            batches = (_balanced_batches(groups, batch_size // 2, gen) if sampler == "balanced"
-                       else _shuffle_batches(x.shape[0], batch_size, gen))
+            order = (_balanced_batches(groups, batch_size // 2, gen) if sampler == "balanced"
+                     else _shuffle_batches(x.shape[0], batch_size, gen))
+            # the epoch's indices cross to the device in one copy; batches are views of it
+            batches = torch.cat(order).to(dev, non_blocking=True).split([int(b.numel()) for b in order])
             loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
             correct = torch.zeros((), device=dev, dtype=torch.int64)
             seen, have_logits = 0, True
             for idx in batches:
-                idx = idx.to(dev, non_blocking=True)
                 xb, yb = xd[idx], yd[idx]
+                if augment is not None:
+                    xa = augment(xb, aug_gen)
+                    if not isinstance(xa, torch.Tensor) or xa.shape != xb.shape:
+                        raise ValueError(f"augment must return a tensor of the batch's shape {tuple(xb.shape)}, "
+                                         f"got {tuple(xa.shape) if isinstance(xa, torch.Tensor) else type(xa).__name__}")
+                    xb = xa
                 logits = None
                 if default_ce:
                     logits = model(xb)
@@ -712,7 +843,8 @@ def _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, 
                                    "train_acc": float(correct) / max(seen, 1) if have_logits else math.nan,
                                    "lr": lr_now, "steps": steps}
             if until_zero_error:
-                row["train_err"] = 1.0 - accuracy(model, xd, yid, batch_size=max(1024, batch_size), device=dev)
+                row["train_err"] = 1.0 - accuracy(model, xd, yid, batch_size=max(EVAL_BATCH_SIZE, batch_size),
+                                                  device=dev)
             row.update(_run_callbacks(callbacks, epoch, model))
             history.rows.append(row)
             if bar is not None:
