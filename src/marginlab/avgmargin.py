@@ -251,7 +251,7 @@ def _compute_device(model: nn.Module, device: str | torch.device | None = None) 
 
 def estimate_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, r: float = 5.0, n_samples: int = 256,
                      upper: bool = True, upper_methods: Sequence[str] = ("deepfool",), seed: int = 0,
-                     device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+                     device: str | torch.device | None = None, upper_options: dict | None = None) -> dict[str, np.ndarray]:
     """Signed margins of ``model`` at (x, y) (003 §2): the Lipschitz lower bound (003 Thm 2, r, n_samples
     random points in B(x, r); 003 uses r = 5 and 1024·50 samples) and, beyond the paper, the
     minimal-perturbation upper bound (smallest DeepFool/CW distortion inside [0, 1]^d). For a linear model
@@ -264,8 +264,9 @@ def estimate_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, r: f
         out = {"lower": margins.lipschitz_lower_bound(model, x, y, r=r, n_samples=n_samples, seed=seed,
                                                       device=dev).double().cpu().numpy()}
         if upper:
-            out["upper"] = margins.upper_bound(model, x, y, methods=tuple(upper_methods),
-                                               device=dev).double().cpu().numpy()
+            opts = {k: v for k, v in (upper_options or {}).items() if k in upper_methods}  # per method run
+            out["upper"] = margins.upper_bound(model, x, y, methods=tuple(upper_methods), device=dev,
+                                               **opts).double().cpu().numpy()
     head = getattr(model, "head", None)
     if hasattr(model, "in_dim") and type(model).__name__ == "LinearModel" and isinstance(head, nn.Linear):
         out["exact"] = np.asarray(margins.linear_margins(head.weight.detach().cpu().double().numpy(),
@@ -310,7 +311,8 @@ class MarginCurves:
 def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   *, epochs: int, track: Iterable[int], r: float = 5.0, n_samples: int = 256, upper: bool = True,
                   upper_methods: Sequence[str] = ("deepfool",), cache: str | None = None, seed: int = 0,
-                  device: str | torch.device | None = None, **fit_kw) -> MarginCurves:
+                  device: str | torch.device | None = None, upper_options: dict | None = None,
+                  **fit_kw) -> MarginCurves:
     """Train ``model`` with ``marginlab.train.fit`` (003 App. A: SGD lr 0.01, momentum 0.9, Nesterov, batch 128)
     and estimate the margins of ``points`` (e.g. 500 random train and test images) after the epochs in
     ``track`` (003 Fig 2, 6: epochs 1, 10, ..., 200). The margins ride in the training history, so a
@@ -330,7 +332,7 @@ def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: di
         res = {}
         for which, (xp, yp) in points.items():
             est = estimate_margins(m, xp, yp, r=r, n_samples=n_samples, upper=upper, upper_methods=upper_methods,
-                                   seed=seed, device=device)
+                                   seed=seed, device=device, upper_options=upper_options)
             res.update({f"m_{which}_{k}": v for k, v in est.items()})
         return res
 
@@ -415,7 +417,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                         steps: int, step_size: float | None = None, stronger_steps: int | None = None,
                         unbounded_eps: float = 30.0, n_margin: int = 100, r: float = 5.0, n_samples: int = 256,
                         seed: int = 0, device: str | torch.device | None = None, extra_attacks: dict | None = None,
-                        batch_size: int | None = None) -> dict:
+                        batch_size: int | None = None, upper_options: dict | None = None) -> dict:
     """Clean and L2-PGD accuracy (003 Table 1: step 0.01, 1000 iterations; our default step 2.5·eps/steps),
     plus the DESIGN §6 sanity rules, asserted: accuracy non-increasing in eps, eps = 0 is clean accuracy,
     an unbounded attack reaches 0% (median distortion reported), ``stronger_steps`` do not raise accuracy.
@@ -463,7 +465,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     report = attacks.assert_sanity(grid, acc_worst, clean=clean, unbounded=unbounded, median_distortion=median,
                                    stronger=stronger, label="L2 ensemble")
     m = estimate_margins(model, xd[:n_margin], yd[:n_margin], r=r, n_samples=n_samples, upper=True, seed=seed,
-                         device=dev)
+                         device=dev, upper_options=upper_options)
     return {"clean": clean, "epsilons": eps, "pgd": acc[1:], "worst": acc_worst[1:],
             "pgd_stronger": None if stronger is None else stronger[0][1:],
             "unbounded_acc": unbounded, "unbounded_median_l2": median, "sanity": report["message"],
