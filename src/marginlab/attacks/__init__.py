@@ -47,12 +47,20 @@ from ._validation import (  # noqa: F401  (private names used by marginlab.margi
     margin_gap,
     perturbation_norms,
 )
+from .apgd import APGD, APGDT, apgd, apgd_t, dlr_loss, targeted_dlr_loss
 from .base import (
     DEFAULT_BATCH_SIZE,
     Attack,
     AttackResult,
     FixedEpsilonAttack,
     MinimizationAttack,
+)
+from .ensemble import (
+    AutoAttack,
+    EnsembleReport,
+    auto_attack,
+    auto_attack_report,
+    worst_case,
 )
 from .evaluation import (
     accuracy_at_distances,
@@ -63,6 +71,7 @@ from .evaluation import (
     sanity_report,
     worst_case_accuracy,
 )
+from .fab import FAB, fab, project_hyperplane_box
 from .gradient import FGSM, PGD, MultiTargetPGD, fgsm, multi_target, pgd
 from .minimization import (
     CarliniWagnerL2,
@@ -71,33 +80,18 @@ from .minimization import (
     deepfool,
     minimal_perturbation,
 )
+from .square import Square, square
 
-__all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "FGSM",
-    "PGD",
-    "Attack",
-    "AttackResult",
-    "CarliniWagnerL2",
-    "DeepFool",
-    "FixedEpsilonAttack",
-    "MinimizationAttack",
-    "MultiTargetPGD",
-    "accuracy_at_distances",
-    "assert_in_ball",
-    "assert_sanity",
-    "check_sanity",
-    "correct",
-    "cw_l2",
-    "deepfool",
-    "fgsm",
-    "in_ball",
-    "margin_gap",
-    "minimal_perturbation",
-    "multi_target",
-    "perturbation_norms",
-    "pgd",
-    "robust_accuracy",
-    "sanity_report",
-    "worst_case_accuracy",
+__all__ = [  # noqa: RUF022 (grouped by kind, not sorted)
+    # functional API (signatures relied on by the chapters and other modules)
+    "margin_gap", "correct", "fgsm", "pgd", "cw_l2", "deepfool", "multi_target", "minimal_perturbation",
+    "robust_accuracy", "accuracy_at_distances", "worst_case_accuracy", "perturbation_norms", "in_ball",
+    "assert_in_ball", "sanity_report", "check_sanity", "assert_sanity",
+    # AutoAttack and its members
+    "apgd", "apgd_t", "fab", "square", "auto_attack", "auto_attack_report", "worst_case", "dlr_loss",
+    "targeted_dlr_loss", "project_hyperplane_box",
+    # attack objects
+    "DEFAULT_BATCH_SIZE", "Attack", "AttackResult", "FixedEpsilonAttack", "MinimizationAttack", "FGSM", "PGD",
+    "MultiTargetPGD", "CarliniWagnerL2", "DeepFool", "APGD", "APGDT", "FAB", "Square", "AutoAttack",
+    "EnsembleReport",
 ]
