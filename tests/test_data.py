@@ -585,3 +585,97 @@ def test_affine_subspace_data():
         data.affine_subspace_data(10, 3, 4, 1.0, 1.0)
     with pytest.raises(ValueError, match="offset > 0"):
         data.affine_subspace_data(10, 3, 3, 1.0, 1.0)
+
+
+# =========================================================================== profiles: data sizes and provenance
+@pytest.fixture
+def full_profile(monkeypatch):
+    monkeypatch.setenv("MARGINLAB_PROFILE", "full")
+    monkeypatch.delenv("MARGINLAB_SMOKE", raising=False)
+    data.reset_loaded_sizes()
+    yield
+    data.reset_loaded_sizes()
+
+
+@needs_real
+def test_full_profile_refuses_the_offline_subsets_with_one_message(full_profile):
+    with pytest.raises(data.DataSizeError) as err:
+        data.require("mnist", "cifar10", download=False)
+    msg = str(err.value)
+    for needle in ("mnist train: 3,678 examples, the full set has 60,000", "train-images-idx3-ubyte.gz",
+                   "cifar10 train: 5,085 examples, the full set has 50,000", "data_batch_1",
+                   "cifar10 test: 1,017 examples, the full set has 10,000", "test_batch",
+                   "python -m marginlab.data fetch all", "MARGINLAB_DATA"):
+        assert needle in msg, (needle, msg)
+    assert "mnist test" not in msg  # the official test set is complete
+    # load() itself refuses too (a chapter that forgot require() cannot write results/full/)
+    with pytest.raises(data.DataSizeError, match="60,000"):
+        data.load("mnist", "train")
+    x, _ = data.load("mnist", "test")  # complete: fine
+    assert len(x) == 10_000
+    assert data.loaded_sizes()["mnist"]["test"] == 10_000 and "train" not in data.loaded_sizes()["mnist"]
+
+
+def test_full_profile_missing_data_is_downloaded_or_named(full_profile, server, monkeypatch, tmp_path):
+    monkeypatch.setitem(data.FULL_SIZES, "cifar10", {"train": 20, "test": 5})
+    _serve_cifar10(server, monkeypatch, n=4)  # 5 batches of 4 = 20 training images, 5 test images
+    root = tmp_path / "data"
+    assert data.require("cifar10", root=root) == {"cifar10": {"train": 20, "test": 5}}
+    assert len(server.log) == 1
+    # present but short: never overwritten, one message naming what is short and what is missing
+    monkeypatch.setitem(data.FULL_SIZES, "cifar10", {"train": 21, "test": 5})
+    monkeypatch.setitem(data.RESOURCES, "mnist", [((server.url,), f, "0" * 32) for _, f, _ in data.RESOURCES["mnist"]])
+    with pytest.raises(data.DataSizeError) as err:
+        data.require("cifar10", "mnist", root=root)
+    msg = str(err.value)
+    assert "cifar10 train: 20 examples, the full set has 21" in msg and "cifar10 test" not in msg
+    assert "mnist: missing" in msg and "train-images-idx3-ubyte.gz" in msg and "download failed" in msg
+    assert "python -m marginlab.data fetch all" in msg
+    assert len(server.log) == 2  # the CIFAR-10 archive was not fetched again; one failed MNIST request
+
+
+def test_quick_and_standard_do_not_check_sizes(monkeypatch, tmp_path):
+    for profile in ("quick", "standard"):
+        monkeypatch.setenv("MARGINLAB_PROFILE", profile)
+        assert data.require("mnist", "cifar100", root=tmp_path / "nothing") == {}
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.require("svhn")
+    with pytest.raises(ValueError, match="profile"):
+        data.require("mnist", profile="huge")
+
+
+@needs_real
+def test_smoke_stands_in_cifar100_and_records_it(monkeypatch):
+    monkeypatch.setenv("MARGINLAB_PROFILE", "full")
+    monkeypatch.setenv("MARGINLAB_SMOKE", "1")
+    monkeypatch.setattr(data, "_STANDINS", {})
+    data.reset_loaded_sizes()
+    assert data.require("mnist", "cifar10", "cifar100") == {}  # subsets are fine at toy sizes
+    x, y = data.load("cifar100", "test")
+    x10, y10 = data.load("cifar10", "test")
+    assert torch.equal(x, x10) and int(y.min()) >= 0 and int(y.max()) <= 99
+    assert len(torch.unique(y)) == 100 and torch.equal(y // 10, y10)
+    _, yc = data.load("cifar100", "test", label_type="coarse")
+    assert int(yc.max()) <= 19 and len(torch.unique(yc)) == 20
+    sizes = data.loaded_sizes()
+    assert sizes["cifar100"]["test"] == len(x) and sizes["cifar100"]["standin"] == data.CIFAR100_STANDIN
+    assert sizes["cifar10"]["test"] == len(x10) and "standin" not in sizes["cifar10"]
+    # outside a smoke run the stand-in is never used
+    monkeypatch.setenv("MARGINLAB_SMOKE", "0")
+    monkeypatch.setenv("MARGINLAB_PROFILE", "quick")
+    with pytest.raises(FileNotFoundError, match="cifar100"):
+        data.load("cifar100", "test", download=False)
+    data.reset_loaded_sizes()
+
+
+@needs_real
+def test_loaded_sizes_records_what_load_returned(monkeypatch):
+    monkeypatch.setenv("MARGINLAB_PROFILE", "quick")
+    data.reset_loaded_sizes()
+    x, _ = data.load("mnist")
+    rec = data.loaded_sizes()
+    assert rec["mnist"]["train"] == len(x) == 3678 and rec["mnist"]["files"]["train"][0].endswith(".gz")
+    rec["mnist"]["train"] = 0  # a copy
+    assert data.loaded_sizes()["mnist"]["train"] == 3678
+    data.reset_loaded_sizes()
+    assert data.loaded_sizes() == {}

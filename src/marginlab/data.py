@@ -34,6 +34,23 @@ that replaces the official mirrors: file URL = ``$MARGINLAB_MIRROR/<filename>``;
 private mirrors that host re-packed files), ``CI`` (disables progress bars).
 
 Command line: ``python -m marginlab.data fetch all|mnist|fashion_mnist|cifar10|cifar100 [--root DIR]``.
+
+Sizes and profiles (:func:`require`, :func:`loaded_sizes`):
+
+* the ``full`` profile needs the complete official sets (:data:`FULL_SIZES`: MNIST 60,000/10,000,
+  CIFAR-10 and CIFAR-100 50,000/10,000). A chapter calls ``data.require(...)`` in its first cell: missing
+  files are downloaded; files that are present but smaller (the offline subsets) or a failed download stop
+  the run with one message naming every file, its size and ``python -m marginlab.data fetch all``. As a
+  second line of defence :func:`load` itself refuses a short split in the full profile, so results of a
+  subset can never be written to ``results/full/``;
+* ``quick`` and ``standard`` run on whatever the files hold (sizes are read from the files);
+* ``smoke`` (``MARGINLAB_SMOKE=1``: the full profile's code paths at toy sizes) skips the size check and,
+  when CIFAR-100 is absent, stands it in by the CIFAR-10 files relabelled to 100 classes
+  (:data:`CIFAR100_STANDIN`) so that the CIFAR-100 code paths run offline; the stand-in is recorded in
+  :func:`loaded_sizes` and never used outside a smoke run.
+
+:func:`loaded_sizes` is a process-wide record of what :func:`load` returned (``n_train``/``n_test`` per data
+set, for the results' provenance).
 """
 from __future__ import annotations
 
@@ -64,6 +81,7 @@ from . import config
 
 __all__ = [
     "DATASETS", "SPLITS", "RESOURCES", "CIFAR10_CLASSES", "DownloadError", "ChecksumError",
+    "FULL_SIZES", "CIFAR100_STANDIN", "DataSizeError", "require", "loaded_sizes", "reset_loaded_sizes",
     "load", "fetch", "clear_cache", "binary_subset", "to_class_index", "subsample",
     "gaussian_blobs", "two_point", "affine_subspace_data", "main",
 ]
@@ -133,6 +151,26 @@ _IDX_LABELS_MAGIC = 0x00000801  # 0x08 = unsigned byte, 1 dimension
 _CHUNK = 1 << 16
 
 
+#: Split sizes of the official sets: what the full profile needs.
+FULL_SIZES: dict[str, dict[str, int]] = {
+    "mnist": {"train": 60_000, "test": 10_000},
+    "fashion_mnist": {"train": 60_000, "test": 10_000},
+    "cifar10": {"train": 50_000, "test": 10_000},
+    "cifar100": {"train": 50_000, "test": 10_000},
+}
+#: What stands in for an absent CIFAR-100 in a smoke run (the full profile's code paths at toy sizes, offline):
+#: the CIFAR-10 images, fine label = 10 * (CIFAR-10 label) + (index mod 10), coarse label = fine // 5, so that
+#: 100 (20) classes occur and the 100-class code paths run. Never used outside a smoke run.
+CIFAR100_STANDIN = "cifar10 images relabelled to 100 classes (smoke run only)"
+
+_LOADED: dict[str, dict[str, Any]] = {}  # process-wide record of what load() returned
+_STANDINS: dict[str, str] = {}  # dataset -> stand-in, registered by require() in a smoke run
+
+
+class DataSizeError(RuntimeError):
+    """The run's profile needs complete data sets and a file holds fewer examples (or is missing)."""
+
+
 class DownloadError(RuntimeError):
     """A dataset could not be downloaded (offline, server error, interrupted transfer)."""
 
@@ -185,6 +223,8 @@ def load(
     if name != "cifar100" and label_type != "fine":
         raise ValueError(f"label_type={label_type!r} only applies to cifar100")
     base = config.data_dir(root)
+    if name in _STANDINS and config.run_name() == "smoke" and not _present(name, base):
+        return _load_standin(name, split, root, label_type, progress)
     paths = _split_paths(name, split, base)
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -197,10 +237,131 @@ def load(
         _ensure(name, base, progress=progress)
     signature = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
     images, labels = _decoded(name, split, str(base.resolve()), label_type, signature)
+    if config.run_name() == "full" and images.shape[0] < FULL_SIZES[name][split]:
+        raise DataSizeError(_size_message([(name, split, images.shape[0], paths)], []))
+    _record(name, split, images.shape[0], paths)
     # fresh tensors every call: the cached arrays are read-only and never handed out
     x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
+
+
+def _record(name: str, split: str, n: int, paths: Sequence[Path], standin: str | None = None) -> None:
+    entry = _LOADED.setdefault(name, {})
+    entry[split] = int(n)
+    entry.setdefault("files", {})[split] = [str(p) for p in paths]
+    if standin is not None:
+        entry["standin"] = standin
+
+
+def loaded_sizes() -> dict[str, dict[str, Any]]:
+    """What :func:`load` has returned in this process: ``{name: {"train": n, "test": n, "files": {split:
+    [paths]}, ["standin": ...]}}`` — the data sizes of a run's provenance (``n_train`` = ``["train"]``)."""
+    return {k: {kk: (dict(vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()} for k, v in _LOADED.items()}
+
+
+def reset_loaded_sizes() -> None:
+    """Forget the record of :func:`loaded_sizes` (e.g. between two chapters run in one process)."""
+    _LOADED.clear()
+
+
+def _present(name: str, base: Path) -> bool:
+    return all(p.is_file() for split in SPLITS for p in _split_paths(name, split, base))
+
+
+def _load_standin(name: str, split: str, root: Any, label_type: str,
+                  progress: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`CIFAR100_STANDIN`: CIFAR-10 images with 100 fine (20 coarse) labels."""
+    x, y10 = load("cifar10", split, root, progress=progress)
+    fine = y10 * 10 + torch.arange(len(y10)) % 10
+    y = fine if label_type == "fine" else fine // 5
+    _record(name, split, len(x), _split_paths("cifar10", split, config.data_dir(root)), standin=_STANDINS[name])
+    return x, y
+
+
+def _split_size(name: str, split: str, base: Path) -> int:
+    """Examples in a split's files, from the idx header (MNIST) or the decoded pickles (CIFAR, cached)."""
+    paths = _split_paths(name, split, base)
+    if name in ("mnist", "fashion_mnist"):
+        try:
+            with gzip.open(paths[0], "rb") as f:
+                head = f.read(8)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{paths[0]}: not a readable gzip file (corrupted or truncated?): {e}") from e
+        if len(head) < 8 or int.from_bytes(head[:4], "big") != _IDX_IMAGES_MAGIC:
+            raise ValueError(f"{paths[0]}: not an idx image file")
+        return int.from_bytes(head[4:8], "big")
+    signature = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+    return int(_decoded(name, split, str(base.resolve()), "fine", signature)[0].shape[0])
+
+
+def _size_message(short: Sequence[tuple[str, str, int, Sequence[Path]]],
+                  missing: Sequence[tuple[str, str]]) -> str:
+    lines = [f"The {config.run_name()} profile needs the complete data sets (results/full/ is written from "
+             "nothing less), but:"]
+    for name, split, n, paths in short:
+        files = ", ".join(str(p) for p in paths)
+        lines.append(f"  {name} {split}: {n:,} examples, the full set has {FULL_SIZES[name][split]:,} ({files})")
+    for name, why in missing:
+        lines.append(f"  {name}: {why}")
+    lines.append(
+        "Fix: run `python -m marginlab.data fetch all` on a machine with internet (add `--root DIR`, copy DIR "
+        f"here) and point MARGINLAB_DATA at the complete sets (now MARGINLAB_DATA="
+        f"{os.environ.get('MARGINLAB_DATA')!r}); or run MARGINLAB_PROFILE=standard (or quick) on the subsets, "
+        "or MARGINLAB_SMOKE=1 for the full profile's code paths at toy sizes."
+    )
+    return "\n".join(lines)
+
+
+def require(*names: str, profile: str | None = None, root: str | os.PathLike | None = None,
+            download: bool = True, progress: bool | None = None) -> dict[str, dict[str, int]]:
+    """Check, at the start of a chapter, that the data sets it needs suit the run; returns ``{name: {split: n}}``
+    for the names checked (empty outside the full profile).
+
+    ``profile``: ``"quick" | "standard" | "full" | "smoke"`` (default :func:`config.run_name`).
+
+    * full: every split of every name must hold :data:`FULL_SIZES` examples. Missing files are downloaded
+      (``download=True``); files that are present but smaller are never overwritten. Anything short or missing
+      raises one :class:`DataSizeError` naming every file, its size and ``python -m marginlab.data fetch all``.
+    * smoke: no size check; an absent CIFAR-100 is stood in by :data:`CIFAR100_STANDIN` for this process.
+    * quick, standard: nothing to check (the loaders read the sizes from the files).
+    """
+    keys = [_check_name(n) for n in names]
+    run = config.run_name() if profile is None else str(profile).lower()
+    if run not in ("quick", "standard", "full", "smoke"):
+        raise ValueError(f"profile must be 'quick', 'standard', 'full' or 'smoke', got {profile!r}")
+    base = config.data_dir(root)
+    if run == "smoke":
+        for name in keys:
+            if name == "cifar100" and not _present(name, base):
+                _STANDINS[name] = CIFAR100_STANDIN
+        return {}
+    if run != "full":
+        return {}
+    sizes: dict[str, dict[str, int]] = {}
+    short: list[tuple[str, str, int, list[Path]]] = []
+    missing: list[tuple[str, str]] = []
+    for name in keys:
+        if not _present(name, base):
+            absent = [str(p) for s_ in SPLITS for p in _split_paths(name, s_, base) if not p.is_file()]
+            if not download:
+                missing.append((name, f"missing {', '.join(absent)}"))
+                continue
+            try:
+                _ensure(name, base, progress=progress)
+            except (DownloadError, ValueError) as e:
+                missing.append((name, f"missing {', '.join(absent)}; the download failed: "
+                                      f"{str(e).splitlines()[0]}"))
+                continue
+        sizes[name] = {}
+        for split in SPLITS:
+            n = _split_size(name, split, base)
+            sizes[name][split] = n
+            if n < FULL_SIZES[name][split]:
+                short.append((name, split, n, _split_paths(name, split, base)))
+    if short or missing:
+        raise DataSizeError(_size_message(short, missing))
+    return sizes
 
 
 def clear_cache() -> None:
