@@ -1,11 +1,14 @@
 """Shapes, the features/head contract and input validation of marginlab.models."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from marginlab import losses, models
+from marginlab.models import num_parameters
 
 
 def _x(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -156,3 +159,55 @@ def test_gradients_flow_to_inputs():
     x = _x(2, 1, 28, 28).requires_grad_(True)
     model(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape and x.grad.abs().sum() > 0
+
+
+def test_wide_resnet_layout_and_interface():
+    """WRN-d-k of Zagoruyko & Komodakis (2016): (d - 4) / 6 pre-activation blocks per group, widths 16k/32k/64k.
+    The WRN-34-10 count equals the TRADES / Madry et al. reference implementation's 46,160,474 parameters."""
+    from marginlab.models import WideResNet, wrn34_10
+
+    torch.manual_seed(0)
+    big = wrn34_10()
+    assert num_parameters(big) == 46_160_474 and big.feature_dim == 640
+    assert len(big.groups) == 3 and all(len(g) == 5 for g in big.groups)
+    assert num_parameters(wrn34_10(100)) == 46_160_474 + 90 * 641
+    small = WideResNet(depth=10, widen_factor=2, num_classes=5, normalize=(models.CIFAR10_MEAN, models.CIFAR10_STD),
+                       feature_activation="tanh", head_bias=False).eval()
+    x = torch.rand(3, 3, 32, 32)
+    f = small.features(x)
+    assert f.shape == (3, 128) and bool((f.abs() <= 1).all())  # tanh features
+    torch.testing.assert_close(small(x), small.head(f))
+    assert small.head.bias is None
+    # normalisation is inside the model: the same as a plain WRN fed normalised inputs
+    plain = WideResNet(depth=10, widen_factor=2, num_classes=5, feature_activation="tanh", head_bias=False).eval()
+    plain.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith("normalize.")})
+    mean = torch.tensor(models.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(models.CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(plain((x - mean) / std), small(x))
+    # a training step runs (BatchNorm in train mode, gradients reach the first conv)
+    small.train()
+    nn.functional.cross_entropy(small(x), torch.tensor([0, 1, 2])).backward()
+    assert small.conv.weight.grad is not None and small.conv.weight.grad.abs().sum() > 0
+    for bad in (dict(depth=33), dict(depth=4), dict(widen_factor=0), dict(dropout=1.0),
+                dict(feature_activation="swish")):
+        with pytest.raises(ValueError):
+            WideResNet(**bad)
+    with pytest.raises(ValueError, match="32x32"):
+        small(torch.rand(2, 3, 28, 28))
+
+
+def test_paper_recipes_train_a_wide_resnet():
+    from marginlab import train
+    from marginlab.models import WideResNet
+
+    r = train.recipe("xu_li_yang_2020_wrn")
+    assert r["optimizer"] == "adam" and r["lr"] == 0.01 and r["epochs"] == 400 and r["augment"] == "crop_flip"
+    assert [r["lr_schedule"](e) for e in (0, 59, 60, 120)] == pytest.approx([1, 1, 0.9, 0.81])
+    assert train.recipe("xu_li_yang_2020_wrn", epochs=2)["epochs"] == 2 and train.RECIPES["xu_li_yang_2020_wrn"]["epochs"] == 400
+    with pytest.raises(ValueError, match="recipe"):
+        train.recipe("nope")
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen_factor=1, num_classes=3)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    h = train.fit(model, x, y, progress=False, **train.recipe("xu_li_yang_2020_wrn", epochs=2, batch_size=8))
+    assert len(h) == 3 and all(math.isfinite(v) for v in h.column("loss")[1:])

@@ -8,6 +8,8 @@ features (002's angular penalty, 000's low-rank analysis) and attacks on logits 
   MNIST 32-32-64-64 → 200 → 200, CIFAR 64-64-128-128 → 256 → 256, 3×3 convolutions.
 * :class:`MLP`, :class:`TwoLayerNet`, :class:`LinearModel` — 003 §5 (LR, 1-hidden-layer MLP) and the
   2-D experiments of 000 Fig. 3.
+* :class:`WideResNet` — WRN-d-k of Zagoruyko & Komodakis (2016); :func:`wrn34_10` is the WRN-34-10 of
+  Madry et al. (2018), TRADES and 002's Table 2 (CIFAR), 640-d features.
 * :class:`BinaryLogits` — wraps a one-score model ``s(x)`` into two logits ``[0, s]`` (class 1 ⇔ s > 0),
   the attack convention of DESIGN §2.
 
@@ -27,8 +29,13 @@ ACTIVATIONS = ("relu", "prelu", "leaky_relu", "tanh", "identity")
 
 __all__ = [
     "ACTIVATIONS", "Net", "LeNet", "CWNet", "MLP", "TwoLayerNet", "LinearModel", "BinaryLogits",
+    "WideResNet", "wrn34_10", "Normalize", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
     "make_activation", "num_parameters",
 ]
+
+#: Per-channel mean and standard deviation of the training images (inputs in [0, 1]), for :class:`Normalize`.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 def make_activation(name: str | None) -> nn.Module:
@@ -196,6 +203,111 @@ class CWNet(Net):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x, f"CWNet({self.dataset!r})", self.in_channels, (self.size,))
         return self.fc(self.conv(x).flatten(1))
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, inside the model: attacks and margins see inputs in [0, 1] (DESIGN §2)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean_t.dim() != 1 or mean_t.shape != std_t.shape:
+            raise ValueError(f"mean and std must be per-channel vectors of one length, got {tuple(mean_t.shape)} "
+                             f"and {tuple(std_t.shape)}")
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std must be > 0, got {std}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, " \
+               f"std={tuple(round(v, 4) for v in self.std.flatten().tolist())}"
+
+
+class _WideBasic(nn.Module):
+    """Pre-activation basic block of Zagoruyko & Komodakis (2016): BN-ReLU-conv3×3-BN-ReLU-(dropout)-conv3×3,
+    plus the identity, or a 1×1 convolution of the pre-activated input where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(c_in), nn.ReLU()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(c_out), nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.equal = c_in == c_out and stride == 1
+        self.shortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu1(self.bn1(x))
+        out = self.conv2(self.dropout(self.relu2(self.bn2(self.conv1(a)))))
+        return out + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(Net):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016) for 32×32 images: conv3×3(16) → 3 groups of (depth-4)/6
+    pre-activation basic blocks of widths 16k, 32k, 64k (strides 1, 2, 2) → BN → ReLU → 8×8 average pool
+    = ``features`` (64k-d; 640 for k = 10) → ``head`` = Linear(64k, num_classes).
+
+    The layout of the WRN-34-10 used by Madry et al. 2018, TRADES (Zhang et al. 2019), MART and 002 §4.1
+    (Table 2; 46.2 M parameters for 10 classes). He init (fan_out) for the convolutions as in the original
+    code, BN weight 1 / bias 0, zero head bias. ``normalize=(mean, std)`` puts a :class:`Normalize` first (002
+    normalises its inputs; the model still takes [0, 1]). ``feature_activation`` is applied to the pooled
+    features (002 uses tanh before its bias-free last layer: ``head_bias=False``).
+    """
+
+    def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3,
+                 dropout: float = 0.0, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                 feature_activation: str | None = None, head_bias: bool = True):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 34, 40, ...), got {depth!r}")
+        if not isinstance(widen_factor, int) or widen_factor < 1:
+            raise ValueError(f"widen_factor must be a positive int, got {widen_factor!r}")
+        if num_classes < 1 or in_channels < 1:
+            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if feature_activation is not None and feature_activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {feature_activation!r}; choose one of {ACTIVATIONS}")
+        self.depth, self.widen_factor = depth, widen_factor
+        self.in_channels, self.num_classes = in_channels, num_classes
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.normalize = Normalize(*normalize) if normalize is not None else nn.Identity()
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        groups: list[nn.Module] = []
+        c_in = widths[0]
+        for c_out, stride in zip(widths[1:], (1, 2, 2)):
+            groups.append(nn.Sequential(*[_WideBasic(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1,
+                                                     dropout) for i in range(n)]))
+            c_in = c_out
+        self.groups = nn.Sequential(*groups)
+        self.bn, self.relu = nn.BatchNorm2d(c_in), nn.ReLU()
+        self.feature_act = make_activation(feature_activation)
+        self.feature_dim = c_in
+        self.head = nn.Linear(c_in, num_classes, bias=head_bias)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if head_bias:
+            nn.init.zeros_(self.head.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, f"WideResNet-{self.depth}-{self.widen_factor}", self.in_channels, (32,))
+        h = self.relu(self.bn(self.groups(self.conv(self.normalize(x)))))
+        return self.feature_act(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def wrn34_10(num_classes: int = 10, **kw) -> WideResNet:
+    """WRN-34-10 (Zagoruyko & Komodakis 2016), the network of 002's Tables 2-3 (CIFAR-10, CIFAR-100)."""
+    return WideResNet(depth=34, widen_factor=10, num_classes=num_classes, **kw)
 
 
 def _flat_dim(in_dim: int | Sequence[int]) -> int:

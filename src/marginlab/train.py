@@ -52,6 +52,7 @@ _CACHE_FORMAT = 1
 __all__ = [
     "History", "fit", "predict", "accuracy", "cache_key", "cache_path", "eval_mode", "class_indices",
     "OPTIMIZERS", "SAMPLERS", "AUGMENTATIONS", "EVAL_BATCH_SIZE", "StepSchedule", "step_schedule", "crop_flip",
+    "RECIPES", "recipe",
 ]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
@@ -537,6 +538,29 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding
     cols = torch.where(flip[:, None], ox[:, None] + (w - 1 - ar_w), ox[:, None] + ar_w)  # (n, w), reversed = flip
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+#: Training recipes quoted from the papers (keyword arguments of :func:`fit`).
+RECIPES: dict[str, dict[str, Any]] = {
+    # Xu, Li & Yang 2020 §4.1 (Tables 2-3, WRN-34-10 on CIFAR-10/100): "All clean images are normalized and
+    # transformed by 4-pixel padding with 32×32 random crop and horizontal flip. [...] We apply the Adam
+    # optimizer with an initial learning rate of 0.01 which decays with a factor of 0.9 for each 60 training
+    # epoches, and run 400 epochs". The batch size is not stated for WRN; 128 is §4.2's (small nets) and
+    # TRADES'. Normalisation lives in the model (models.WideResNet(normalize=...)).
+    "xu_li_yang_2020_wrn": dict(optimizer="adam", lr=0.01, lr_schedule=StepSchedule(60, 0.9), epochs=400,
+                                batch_size=128, augment="crop_flip"),
+    # Xu, Li & Yang 2020 §4.2 (Tables 4-5, the small C&W nets): Adam, lr 0.01, 400 epochs, batch 128, no
+    # augmentation.
+    "xu_li_yang_2020_small": dict(optimizer="adam", lr=0.01, epochs=400, batch_size=128),
+}
+
+
+def recipe(name: str, **overrides: Any) -> dict[str, Any]:
+    """A copy of :data:`RECIPES` ``[name]`` with ``overrides`` (e.g. ``epochs=`` for a shorter profile):
+    ``fit(model, x, y, **recipe("xu_li_yang_2020_wrn"))``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return {**RECIPES[name], **overrides}
 
 
 def _augmenter(augment: Any) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
