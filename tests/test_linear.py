@@ -240,7 +240,7 @@ def test_p2_margin_depends_on_offset_only_through_its_norm(seed, m1, m2, norm):
     u1, u2 = rng.normal(size=m1), rng.normal(size=m2)
     u1 *= norm / np.linalg.norm(u1)
     u2 *= norm / np.linalg.norm(u2)
-    X1, R1, d1 = linear.offset_embedding(P, u1)
+    X1, _, _ = linear.offset_embedding(P, u1)
     X2, R2, d2 = linear.offset_embedding(P, u2, rotation_seed=seed)
     np.testing.assert_allclose(X2 @ R2.T, np.broadcast_to(d2, (len(y), m2)), atol=1e-9)   # on the subspace
     m_1, m_2 = linear.bias_penalized_margin(X1, y), linear.bias_penalized_margin(X2, y)

@@ -1,17 +1,18 @@
 """Linear classifiers on separable data: SVM problems, gradient descent on cross-entropy and on the
 differential (pairwise) loss, the two-point closed form and the margin bounds of Nar et al.
 
-Papers: ``000`` = Nar et al. 2019, *Cross-Entropy Loss and Low-Rank Features Have Responsibility for
-Adversarial Examples*; ``001`` = Nar et al., *Cross-Entropy Loss Leads To Poor Margins* (ICLR 2019 subm.).
+Papers: Nar et al. 2019a, *Cross-Entropy Loss and Low-Rank Features Have Responsibility for
+Adversarial Examples* (arXiv:1901.08360); Nar et al. 2019b, *Cross-Entropy Loss Leads To Poor Margins*
+(ICLR 2019 submission). The chapters call them 000 and 001.
 
 Conventions (numpy float64 in and out):
 
 * ``X`` has shape (n, d); labels ``y`` are in {-1, +1}. A linear classifier is ``(w, b)`` with
   decision ``sign(w·x + b)``.
-* "Augmented" vectors append a constant feature: ``x̃ = [x, 1]``, ``w̃ = [w, b]`` (001 §2). With
-  ``z_i = y_i x̃_i`` the cross-entropy (logistic) loss is ``Σ_i log(1 + exp(-w̃·z_i))`` (001 eq. 3).
+* "Augmented" vectors append a constant feature: ``x̃ = [x, 1]``, ``w̃ = [w, b]`` (Nar et al. 2019b §2). With
+  ``z_i = y_i x̃_i`` the cross-entropy (logistic) loss is ``Σ_i log(1 + exp(-w̃·z_i))`` (Nar et al. 2019b eq. 3).
 * Time. Gradient descent with learning rate ``lr`` is the explicit Euler discretisation of the
-  gradient flow ``dw̃/dt = lr · Σ_i z_i σ(-w̃·z_i)`` (001 Thm 1 uses this continuous-time model
+  gradient flow ``dw̃/dt = lr · Σ_i z_i σ(-w̃·z_i)`` (Nar et al. 2019b Thm 1 uses this continuous-time model
   with δ = lr), so *time t = number of GD steps*. Long horizons (t up to 1e12) are integrated on
   the flow in the log-time variable ``s = log(1 + t)`` with ``scipy.integrate.solve_ivp``
   (LSODA, rtol 1e-10): in ``s`` the right-hand side ``lr · e^s Σ z σ(-w̃·z)`` stays O(1) because the
@@ -65,7 +66,7 @@ def check_data(X, y, *, need_both: bool = True) -> tuple[Array, Array]:
 
 
 def augment(X: Array) -> Array:
-    """``[x, 1]`` for every row (001 §2: the bias as a weight on a constant feature)."""
+    """``[x, 1]`` for every row (Nar et al. 2019b §2: the bias as a weight on a constant feature)."""
     X = np.asarray(X, dtype=np.float64)
     return np.hstack([X, np.ones((X.shape[0], 1))])
 
@@ -97,7 +98,7 @@ def _require_separable(X: Array, y: Array, bias: bool, what: str) -> None:
         raise ValueError(f"{what} needs data that are {kind}; these are not")
 
 
-# ---- SVM problems (001 P1, P2, eq. 4) ------------------------------------------------------------
+# ---- SVM problems (Nar et al. 2019b P1, P2, eq. 4) ---------------------------------------------------------
 
 
 def _solve_qp(X: Array, y: Array, penalize_bias: bool, bias: bool) -> tuple[Array, float]:
@@ -120,7 +121,7 @@ def _solve_qp(X: Array, y: Array, penalize_bias: bool, bias: bool) -> tuple[Arra
 
 
 def svm(X, y, bias: bool = True) -> tuple[Array, float]:
-    """Hard-margin SVM (001 P1): min ||w||² s.t. y_i (w·x_i + b) ≥ 1, solved with cvxpy (Clarabel).
+    """Hard-margin SVM (Nar et al. 2019b P1): min ||w||² s.t. y_i (w·x_i + b) ≥ 1, solved with cvxpy (Clarabel).
 
     ``bias=False`` forces b = 0 (a hyperplane through the origin). Raises ValueError on
     non-separable data. The optimal margin is γ = 1/||w||.
@@ -131,7 +132,8 @@ def svm(X, y, bias: bool = True) -> tuple[Array, float]:
 
 
 def bias_penalized_svm(X, y) -> tuple[Array, float]:
-    """The problem GD on cross-entropy with a bias actually solves (001 P2 = eq. 4; 000 eq. 9):
+    """The problem GD on cross-entropy with a bias actually solves (Nar et al. 2019b P2 = eq. 4;
+    Nar et al. 2019a eq. 9):
     min ||w||² + b² s.t. y_i (w·x_i + b) ≥ 1. Equals the hard-margin SVM through the origin in
     the augmented space ``[x, 1]``. Raises ValueError on non-separable data.
     """
@@ -168,7 +170,7 @@ def angle(u, v, degrees: bool = True) -> float:
     return math.degrees(a) if degrees else a
 
 
-# ---- two-point problem (001 §2, Thm 1, Cor 1) -----------------------------------------------------
+# ---- two-point problem (Nar et al. 2019b §2, Thm 1, Cor 1) -------------------------------------------------
 
 
 def _two_point_vectors(x, y, bias: bool) -> tuple[Array, Array]:
@@ -185,7 +187,7 @@ def _two_point_vectors(x, y, bias: bool) -> tuple[Array, Array]:
 
 
 def two_point_regime(x, y, bias: bool = True) -> str:
-    """Which case of 001 Thm 1 applies (after ordering so that ||x̄|| ≤ ||ȳ||): ``"both"`` when
+    """Which case of Nar et al. 2019b Thm 1 applies (after ordering so that ||x̄|| ≤ ||ȳ||): ``"both"`` when
     σ_xy < σ_x (both points are support vectors; includes σ_xy < 0, = 0 and 0 < σ_xy < σ_x,
     Lemmas 5, 1, 7 of the proof) or ``"one"`` when σ_xy ≥ σ_x (only the shorter point, Lemma 8)."""
     xb, yb = _two_point_vectors(x, y, bias)
@@ -194,7 +196,7 @@ def two_point_regime(x, y, bias: bool = True) -> str:
 
 
 def two_point_limit(x, y, bias: bool = True) -> Array:
-    """lim_{t→∞} w̃(t)/log t for GD from zero on cross-entropy with two points (001 Thm 1, eq. 2).
+    """lim_{t→∞} w̃(t)/log t for GD from zero on cross-entropy with two points (Nar et al. 2019b Thm 1, eq. 2).
 
     ``x`` is the class +1 point, ``y`` the class -1 point (the paper's -y). Returns the augmented
     vector [w, b] of length d+1 (length d with ``bias=False``). With x̄ = [x, 1], ȳ = [-y, -1],
@@ -203,7 +205,7 @@ def two_point_limit(x, y, bias: bool = True) -> Array:
     * σ_xy < σ_x:  ((σ_y − σ_xy) x̄ + (σ_x − σ_xy) ȳ) / (σ_x σ_y − σ_xy²)
     * σ_xy ≥ σ_x:  x̄ / σ_x
 
-    i.e. the minimum-norm ũ with ũ·x̄ ≥ 1 and ũ·ȳ ≥ 1 (001 eq. 4). The formula is applied
+    i.e. the minimum-norm ũ with ũ·x̄ ≥ 1 and ũ·ȳ ≥ 1 (Nar et al. 2019b eq. 4). The formula is applied
     symmetrically, so the ordering of the norms is not required of the caller. The limit does
     not depend on the learning rate (a rescaling of time only shifts log t by a constant).
     """
@@ -219,7 +221,8 @@ def two_point_limit(x, y, bias: bool = True) -> Array:
 
 
 def two_point_angle(x, y, degrees: bool = True, augmented: bool = False) -> float:
-    """Angle ψ between the Thm 1 limit and the SVM direction x − y_neg (the paper's x + y) — 001 Cor 1.
+    """Angle ψ between the Thm 1 limit and the SVM direction x − y_neg (the paper's x + y): Nar et al. 2019b,
+    Corollary 1.
 
     By default the weight part of the limit (the normal of the decision boundary, as in the
     paper's proof) is compared with x − y_neg in R^d. ``augmented=True`` compares the whole
@@ -245,17 +248,17 @@ def _corollary1_sigmas(x, y, tol: float) -> tuple[float, float]:
 
 
 def corollary1_cos2(x, y, tol: float = 1e-9) -> float:
-    """Exact cos²ψ of 001 Cor 1 (its proof, App. B): if x·y_p = 1 (y_p = −y_neg), then σ_xy = 0, the
+    """Exact cos²ψ of Nar et al. 2019b Cor 1 (its proof, App. B): if x·y_p = 1 (y_p = −y_neg), then σ_xy = 0, the
     weight part of the limit is x/σ_x + y_p/σ_y, its inner product with x + y_p is 2, ||x + y_p||² = σ_x + σ_y, so
 
-    cos²ψ = 4 / [(σ_x+σ_y)((σ_x−1)/σ_x² + 2/(σ_xσ_y) + (σ_y−1)/σ_y²)],  σ_x = ||x||²+1, σ_y = ||y_p||²+1.
+    cos²ψ = 4 / [(σ_x+σ_y)((σ_x−1)/σ_x² + 2/(σ_xσ_y) + (σ_y−1)/σ_y²)], σ_x = ||x||²+1, σ_y = ||y_p||²+1.
     """
     sx, sy = _corollary1_sigmas(x, y, tol)
     return 4.0 / ((sx + sy) * ((sx - 1) / sx**2 + 2 / (sx * sy) + (sy - 1) / sy**2))
 
 
 def corollary1_sigma_term(x, y, tol: float = 1e-9) -> float:
-    """Q = (σ_max/σ_min)(1 − 1/σ_min), the term of 001 Cor 1's bound cos²ψ ≤ 4/(2 + Q).
+    """Q = (σ_max/σ_min)(1 − 1/σ_min), the term of Nar et al. 2019b Cor 1's bound cos²ψ ≤ 4/(2 + Q).
 
     Expanding the denominator of :func:`corollary1_cos2` gives cos²ψ = 4/(2 + Q + E) with
     E = (σ_min/σ_max)(1 − 1/σ_max) + 1/σ_min + 1/σ_max ∈ (0, 2), hence 4/(4 + Q) < cos²ψ ≤ 4/(2 + Q):
@@ -267,7 +270,7 @@ def corollary1_sigma_term(x, y, tol: float = 1e-9) -> float:
 
 
 def corollary1_cos2_bound(x, y, tol: float = 1e-9) -> float:
-    """001 Cor 1 (re-derived): if x·y_p = 1 (y_p = −y_neg, the paper's y), then
+    """Nar et al. 2019b Cor 1 (re-derived): if x·y_p = 1 (y_p = −y_neg, the paper's y), then
     cos²ψ ≤ 4 / (2 + Q), Q = (σ_max/σ_min)(1 − 1/σ_min), σ_x = ||x||²+1, σ_y = ||y_p||²+1.
 
     The exact value is :func:`corollary1_cos2`; :func:`corollary1_cos2_lower_bound` brackets it from
@@ -278,7 +281,8 @@ def corollary1_cos2_bound(x, y, tol: float = 1e-9) -> float:
 
 
 def corollary1_cos2_lower_bound(x, y, tol: float = 1e-9) -> float:
-    """A lower bound 4/(4 + Q) < cos²ψ under 001 Cor 1's condition x·y_p = 1 (see :func:`corollary1_sigma_term`).
+    """A lower bound 4/(4 + Q) < cos²ψ under the condition x·y_p = 1 of Nar et al. 2019b Cor 1
+    (see :func:`corollary1_sigma_term`).
 
     With the upper bound 4/(2 + Q) it shows that Q → ∞ is necessary as well as sufficient for ψ → 90°.
     """
@@ -286,7 +290,7 @@ def corollary1_cos2_lower_bound(x, y, tol: float = 1e-9) -> float:
 
 
 def corollary1_small_x_limit(norm_product, degrees: bool = True) -> float:
-    """lim ψ of 001 Cor 1 when ||x|| → 0 with x·y_p = 1 and ||x||·||y_p|| → c (c ≥ 1).
+    """lim ψ of Nar et al. 2019b Cor 1 when ||x|| → 0 with x·y_p = 1 and ||x||·||y_p|| → c (c ≥ 1).
 
     Then σ_min = σ_x → 1, σ_y ||x||² → c², and :func:`corollary1_cos2` tends to 4/(3 + c²):
     ψ → arccos(2/√(3 + c²)). Because x·y_p = 1, c = 1/cos∠(x, y_p): ψ → 0 for collinear points,
@@ -294,7 +298,8 @@ def corollary1_small_x_limit(norm_product, degrees: bool = True) -> float:
     """
     c = float(norm_product)
     if not (math.isfinite(c) and c >= 1.0 - 1e-12):
-        raise ValueError(f"norm_product must be a finite number ≥ 1 (x·y = 1 forces ||x||·||y|| ≥ 1), got {norm_product!r}")
+        raise ValueError("norm_product must be a finite number ≥ 1 (x·y = 1 forces ||x||·||y|| ≥ 1), "
+                         f"got {norm_product!r}")
     a = math.acos(min(1.0, 2.0 / math.sqrt(3.0 + c * c)))
     return math.degrees(a) if degrees else a
 
@@ -356,7 +361,8 @@ def _check_run(steps_or_times, lr: float) -> None:
 
 
 def logistic_gd(X, y, steps: int, lr: float, bias: bool = True) -> tuple[Array, float]:
-    """``steps`` iterations of GD from zero on the cross-entropy (logistic) loss (001 eq. 3; 000 eq. 1):
+    """``steps`` iterations of GD from zero on the cross-entropy (logistic) loss (Nar et al. 2019b eq. 3;
+    Nar et al. 2019a eq. 1):
     w̃ ← w̃ + lr Σ_i z_i σ(−w̃·z_i), z_i = y_i [x_i, 1]. Returns (w, b) (b = 0 when ``bias=False``)."""
     X, y = check_data(X, y)
     if int(steps) != steps or steps < 0:
@@ -390,13 +396,14 @@ def logistic_path(X, y, times, lr: float, bias: bool = True,
 
 
 def _pair_differences(X: Array, y: Array) -> Array:
-    """All x_i − y_j for x_i in class +1 and y_j in class −1 (000 eq. 2)."""
+    """All x_i − y_j for x_i in class +1 and y_j in class −1 (Nar et al. 2019a eq. 2)."""
     P, N = X[y > 0], X[y < 0]
     return (P[:, None, :] - N[None, :, :]).reshape(-1, X.shape[1])
 
 
 def differential_gd(X, y, steps: int, lr: float) -> Array:
-    """``steps`` iterations of GD from zero on Σ_ij log(1 + exp(−w·(x_i − y_j))) (000 eq. 2; 001 eq. 5).
+    """``steps`` iterations of GD from zero on Σ_ij log(1 + exp(−w·(x_i − y_j))) (Nar et al. 2019a eq. 2;
+    Nar et al. 2019b eq. 5).
 
     The gradient is formed from the |I|×|J| score differences without materialising the pair
     vectors: ∇ = −Σ_i x_i Σ_j σ_ij + Σ_j y_j Σ_i σ_ij with σ_ij = σ(−(w·x_i − w·y_j)).
@@ -415,7 +422,7 @@ def differential_gd(X, y, steps: int, lr: float) -> Array:
 
 
 def differential_path(X, y, times, lr: float, method: Literal["flow", "gd"] = "flow") -> Array:
-    """Iterates of differential-training GD (000 eq. 2) at ``times``; see :func:`logistic_path`."""
+    """Iterates of differential-training GD (Nar et al. 2019a eq. 2) at ``times``; see :func:`logistic_path`."""
     X, y = check_data(X, y)
     times = np.asarray(times, dtype=np.float64).ravel()
     _check_run(times, lr)
@@ -428,7 +435,7 @@ def differential_path(X, y, times, lr: float, method: Literal["flow", "gd"] = "f
 
 
 def differential_bias(w, X, y) -> float:
-    """The bias giving the largest margin for a fixed w (000 eq. 5; 001 eq. 8):
+    """The bias giving the largest margin for a fixed w (Nar et al. 2019a eq. 5; Nar et al. 2019b eq. 8):
     b = −½ min_{i∈+} w·x_i − ½ max_{j∈−} w·y_j."""
     X, y = check_data(X, y)
     s = X @ np.asarray(w, dtype=np.float64).ravel()
@@ -436,18 +443,19 @@ def differential_bias(w, X, y) -> float:
 
 
 def confidence(w, b, points) -> Array:
-    """The classifier's confidence max(σ(s), σ(−s)) = σ(|s|), s = w·x + b, at each point (001 Remark 2)."""
+    """The classifier's confidence max(σ(s), σ(−s)) = σ(|s|), s = w·x + b, at each point
+    (Nar et al. 2019b Remark 2)."""
     P = np.asarray(points, dtype=np.float64)
     s = P @ np.asarray(w, dtype=np.float64).ravel() + float(b)
     return expit(np.abs(s))
 
 
-# ---- affine-subspace bounds (000 Thm 1, Cor 1 = 001 Thm 3, 4) ----------------------------------------
+# ---- affine-subspace bounds (Nar et al. 2019a Thm 1, Cor 1 = Nar et al. 2019b Thm 3, 4) --------------------
 
 
 def affine_hull(X, tol: float = 1e-9) -> tuple[Array, Array]:
     """Orthonormal vectors r_k normal to the affine hull of the rows of X and the offsets
-    Δ_k = ⟨r_k, x⟩ shared by every row (000 Thm 1's {r_k}, {Δ_k}). Returns R (m, d), delta (m,)."""
+    Δ_k = ⟨r_k, x⟩ shared by every row (Nar et al. 2019a Thm 1's {r_k}, {Δ_k}). Returns R (m, d), delta (m,)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D, got shape {X.shape}")
@@ -470,14 +478,15 @@ def _check_R(R, delta, d: int) -> tuple[Array, Array]:
 
 
 def affine_subspace_bound(X, y, R=None, delta=None, tol: float = 1e-7) -> float:
-    """000 Thm 1 = 001 Thm 3: on separable data with ⟨r_k, x⟩ = Δ_k for every point, the margin of
+    """Nar et al. 2019a Thm 1 = Nar et al. 2019b Thm 3: on separable data with ⟨r_k, x⟩ = Δ_k for every
+    point, the margin of
     cross-entropy GD (the P2 solution (w̄, B), normalised by its constraints y(w̄·x + B) ≥ 1) is
     at most 1/√(1/γ² + B² Σ_k Δ_k²), γ the SVM margin.
 
     Proof (re-derived): KKT of P2 gives ⟨w̄, r_k⟩ = BΔ_k, so w̄ = u + Σ_k BΔ_k r_k with u ⊥ r_k;
     u meets the SVM constraints u·(x_i − y_j) ≥ 2, hence ||u|| ≥ 1/γ and the P2 margin
     1/||w̄|| = 1/√(||u||² + B²ΣΔ_k²) ≤ the bound. R, delta default to :func:`affine_hull`.
-    (000 scales w̄ so that min_ij w̄·(x_i − y_j) = 2 instead; that B is ≤ ours in magnitude, so its
+    (Nar et al. 2019a scales w̄ so that min_ij w̄·(x_i − y_j) = 2 instead; that B is ≤ ours in magnitude, so its
     bound is weaker and implied by this one.)
     """
     X, y = check_data(X, y)
@@ -509,7 +518,8 @@ def _inverse_sqrt_or_inf(s: float) -> float:
 
 
 def near_subspace_bound(X, y, R, delta, tol: float = 1e-9) -> float:
-    """000 Cor 1 = 001 Thm 4, corrected: if ⟨r_k, x_i⟩ ≥ Δ_k (class +1) and ⟨r_k, y_j⟩ ≤ Δ_k (class −1),
+    """Nar et al. 2019a Cor 1 = Nar et al. 2019b Thm 4, corrected: if ⟨r_k, x_i⟩ ≥ Δ_k (class +1) and
+    ⟨r_k, y_j⟩ ≤ Δ_k (class −1),
     the P2 margin is at most 1/√(Σ_k max(BΔ_k, 0)²).
 
     The KKT argument gives ⟨w̄, r_k⟩ ≥ BΔ_k, which bounds ⟨w̄, r_k⟩² from below only where BΔ_k ≥ 0.
@@ -524,7 +534,8 @@ def near_subspace_bound(X, y, R, delta, tol: float = 1e-9) -> float:
 
 
 def near_subspace_bound_as_stated(X, y, R, delta, tol: float = 1e-9) -> float:
-    """000 Cor 1 / 001 Thm 4 exactly as printed: 1/√(B² Σ_k Δ_k²). Its proof needs BΔ_k ≥ 0 for all k
+    """Nar et al. 2019a Cor 1 / Nar et al. 2019b Thm 4 exactly as printed: 1/√(B² Σ_k Δ_k²). Its proof
+    needs BΔ_k ≥ 0 for all k
     (see :func:`near_subspace_bound`); that is sufficient, not necessary: it can fail otherwise."""
     X, y, R, delta = _check_near(X, y, R, delta, tol)
     _, B = bias_penalized_svm(X, y)
@@ -532,7 +543,8 @@ def near_subspace_bound_as_stated(X, y, R, delta, tol: float = 1e-9) -> float:
 
 
 def near_subspace_summary(X, y, R, delta, tol: float = 1e-9) -> dict:
-    """Every quantity of the near-subspace bound (000 Cor 1 = 001 Thm 4) on one instance, from one P2 solve.
+    """Every quantity of the near-subspace bound (Nar et al. 2019a Cor 1 = Nar et al. 2019b Thm 4) on one
+    instance, from one P2 solve.
 
     Keys: ``margin`` (P2 = cross-entropy margin 1/||w̄||), ``svm_margin`` γ, ``B``, ``bound``
     (corrected, :func:`near_subspace_bound`), ``printed_bound`` (:func:`near_subspace_bound_as_stated`),
@@ -567,7 +579,7 @@ def near_subspace_summary(X, y, R, delta, tol: float = 1e-9) -> dict:
     }
 
 
-# ---- offsets from the origin: the codimension question (000 Remark 1 = 001 Remark 3) ---------------------------
+# ---- offsets from the origin: codimension (Nar et al. 2019a Remark 1 = Nar et al. 2019b Remark 3) -------
 
 
 def bias_penalized_margin(X, y) -> float:
@@ -614,11 +626,11 @@ def offset_margin(P, y, offset_norm: float) -> float:
     return 1.0 / math.sqrt(float(v @ v) + (beta * d / s) ** 2)
 
 
-# ---- one-step separation of differential SGD (000 Thm 3 = 001 Thm 6) ----------------------------------
+# ---- one-step separation of differential SGD (Nar et al. 2019a Thm 3 = Nar et al. 2019b Thm 6) -------------
 
 
 def one_step_condition(X, y) -> dict:
-    """Quantities of 000 Thm 3: γ (SVM margin, 2γ = max_u min_ij ⟨x_i − y_j, u/||u||⟩), the class
+    """Quantities of Nar et al. 2019a Thm 3: γ (SVM margin, 2γ = max_u min_ij ⟨x_i − y_j, u/||u||⟩), the class
     diameters R_x, R_y, and whether 2γ ≥ 5 max(R_x, R_y).
 
     Re-derived: with p_x − p_y = 2γ w_SVM the closest points of the two convex hulls,
@@ -635,7 +647,7 @@ def one_step_condition(X, y) -> dict:
 
 def one_step_separates(X, y) -> bool:
     """Whether every single-pair SGD step from w = 0 on the differential loss (w ∝ x_i − y_j),
-    with the bias of 000 eq. 5, classifies all points correctly — 000 eq. (13):
+    with the bias of Nar et al. 2019a eq. 5, classifies all points correctly — Nar et al. 2019a eq. (13):
     ⟨x_i' − y_j', x_i − y_j⟩ > 0 for all pairs."""
     X, y = check_data(X, y)
     D = _pair_differences(X, y)
@@ -646,7 +658,7 @@ def one_step_separates(X, y) -> bool:
 
 
 def gaussian_two_class(n_per_class: int, means, std: float, seed: int) -> tuple[Array, Array]:
-    """Two isotropic Gaussian classes: the first mean is class +1, the second class −1 (001 Fig 2).
+    """Two isotropic Gaussian classes: the first mean is class +1, the second class −1 (Nar et al. 2019b Fig 2).
 
     Uses ``marginlab.data.gaussian_blobs`` when that helper exists, else a local generator."""
     try:
@@ -690,7 +702,8 @@ def affine_subspace_instance(n: int, k: int, d: int, shift: float | Array, gap: 
 
 
 def random_near_subspace_instance(seed: int, max_k: int = 3, max_codim: int = 4) -> tuple[Array, Array, Array, Array]:
-    """A random instance for the near-subspace bound (000 Cor 1 = 001 Thm 4), all drawn from ``seed``.
+    """A random instance for the near-subspace bound (Nar et al. 2019a Cor 1 = Nar et al. 2019b Thm 4), all
+    drawn from ``seed``.
 
     k ∈ [1, max_k], codimension m ∈ [1, max_codim], 6–24 points of :func:`affine_subspace_instance`
     at Gaussian offsets Δ_k ~ N(0, 2²), moved along the subspace by U(0, 10) (top in-subspace
