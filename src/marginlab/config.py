@@ -10,18 +10,62 @@ The profile decides how much work a chapter does:
 
 It is read from ``MARGINLAB_PROFILE``. ``MARGINLAB_SMOKE=1`` (with ``full``) runs the full
 profile's code paths at toy sizes and writes ``results/smoke/`` instead of ``results/full/``.
+
+CPU threads (:func:`apply_thread_policy`, run by ``import marginlab``): OpenMP workers that
+spin-wait for a partner the scheduler gave to another process make the book's small models many
+times slower on a shared CPU, so the package asks OpenMP to wait passively and sizes torch's
+intra-op pool from the CPUs this process may really use. ``MARGINLAB_THREADS=off`` leaves torch
+alone; ``MARGINLAB_THREADS=N`` asks for ``N`` threads.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
+THREADS_ENV = "MARGINLAB_THREADS"
+# Variables by which a user has already decided how OpenMP waits or how many threads it runs.
+_OPENMP_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+_COUNT_CHOICES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def openmp_environment(environ: Mapping[str, str], torch_loaded: bool) -> dict[str, str]:
+    """The OpenMP variables ``import marginlab`` sets: ``OMP_WAIT_POLICY=PASSIVE``, so that a worker
+    waiting at the end of a parallel region sleeps instead of spinning on a core another process
+    needs (libgomp otherwise spins ~300,000 iterations per wait). Nothing when torch is already
+    loaded (OpenMP read its environment then), when the user chose a wait policy or spin count,
+    or with ``MARGINLAB_THREADS=off``. A pure function of its inputs."""
+    if torch_loaded or _threads_setting(environ) == "off":
+        return {}
+    if any(environ.get(k) for k in _OPENMP_CHOICES):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _threads_setting(environ: Mapping[str, str]) -> str | int:
+    raw = environ.get(THREADS_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("off", "torch", "0"):
+        return "off"
+    if raw.isdigit():
+        return int(raw)
+    raise ValueError(f"{THREADS_ENV}={raw!r}: use auto, off, or a number of threads")
+
+
+# OpenMP reads its environment once, when torch first loads libgomp: set it before importing torch.
+_TORCH_LOADED_BEFORE_US = "torch" in sys.modules
+_OPENMP_SET = openmp_environment(os.environ, _TORCH_LOADED_BEFORE_US)
+os.environ.update(_OPENMP_SET)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 PROFILES = ("quick", "standard", "full")
 T = TypeVar("T")
@@ -127,6 +171,124 @@ def cpu_threads(n: int = 1, device: str | torch.device | None = None) -> Iterato
         torch.set_num_threads(before)
 
 
+# ---------------------------------------------------------------------------------------------- CPU threads
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """What this process may use: CPUs in its affinity mask, the cgroup's CPU quota (in CPUs; None when
+    unlimited) and the 1-minute load average of the machine."""
+
+    affinity: int
+    quota: float | None
+    load: float
+
+
+def cgroup_cpu_quota(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (cgroup v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``), or None when unlimited or unreadable. A container
+    limited to 2 CPUs on a 64-core host sees 64 CPUs everywhere else."""
+    base = Path(root)
+    try:
+        quota, period = (base / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            quota_us = int((base / sub / "cpu.cfs_quota_us").read_text())
+            period_us = int((base / sub / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def cpu_budget() -> CpuBudget:
+    """The :class:`CpuBudget` of this process now."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    return CpuBudget(affinity, cgroup_cpu_quota(), load)
+
+
+def choose_threads(cpus: int, quota: float | None = None, load: float = 0.0, *, passive: bool = True) -> int:
+    """Intra-op threads for the book's models on a CPU: the CPUs this process may use,
+    ``min(cpus, floor(quota))``, at least 1.
+
+    With passive OpenMP waiting (``passive``, what ``import marginlab`` arranges when it comes before
+    torch) that is all: a worker whose partner is descheduled sleeps, so a busy neighbour costs its
+    share of the CPU and no more. With spinning workers (torch imported first: too late to change how
+    OpenMP waits), every CPU another process keeps busy — the 1-minute ``load``, rounded — is taken
+    off, because a spinning worker whose partner is descheduled burns the time slice the partner needs.
+    A pure function of its inputs (see ``benchmarks/bench_threads.py`` for the measurements behind it).
+    """
+    if not isinstance(cpus, int) or cpus < 1:
+        raise ValueError(f"cpus must be a positive int, got {cpus!r}")
+    if quota is not None and not quota > 0:
+        raise ValueError(f"quota must be > 0 CPUs or None (unlimited), got {quota!r}")
+    if not load >= 0:
+        raise ValueError(f"load must be >= 0, got {load!r}")
+    usable = cpus if quota is None else max(1, min(cpus, math.floor(quota)))
+    if passive:
+        return usable
+    return max(1, usable - math.floor(load + 0.5))
+
+
+@dataclass(frozen=True)
+class ThreadPolicy:
+    """What :func:`apply_thread_policy` decided and why (``describe()`` records it with results)."""
+
+    threads: int | None  # intra-op threads set, None when torch's were left alone
+    passive: bool  # whether OpenMP waits passively (set by us or by the user)
+    openmp_set: dict[str, str]  # the variables we set before torch loaded
+    budget: CpuBudget | None
+    reason: str
+
+
+_POLICY: ThreadPolicy | None = None
+
+
+def _is_passive(environ: Mapping[str, str]) -> bool:
+    if environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        return True
+    spin = environ.get("GOMP_SPINCOUNT", "").strip()
+    return spin.isdigit() and int(spin) <= 10_000
+
+
+def apply_thread_policy(environ: Mapping[str, str] | None = None, budget: CpuBudget | None = None) -> ThreadPolicy:
+    """Size torch's intra-op thread pool by :func:`choose_threads` for this process (run by
+    ``import marginlab``, so a reader's notebook gets it too). Leaves torch alone with
+    ``MARGINLAB_THREADS=off`` or when ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` is set; never raises
+    the count above what torch has now (its default is the physical cores, or the caller's choice);
+    ``MARGINLAB_THREADS=N`` sets ``N``. Returns the decision (also kept for :func:`thread_policy`)."""
+    global _POLICY
+    env = os.environ if environ is None else environ
+    setting = _threads_setting(env)
+    passive = bool(_OPENMP_SET) or _is_passive(env)  # we set it, or the user did (read by OpenMP at torch's load)
+    if setting == "off":
+        _POLICY = ThreadPolicy(None, passive, dict(_OPENMP_SET), None, f"{THREADS_ENV}=off")
+    elif isinstance(setting, int):
+        torch.set_num_threads(setting)
+        _POLICY = ThreadPolicy(setting, passive, dict(_OPENMP_SET), None, f"{THREADS_ENV}={setting}")
+    elif any(env.get(k) for k in _COUNT_CHOICES):
+        _POLICY = ThreadPolicy(None, passive, dict(_OPENMP_SET), None, "OMP_NUM_THREADS/MKL_NUM_THREADS set")
+    else:
+        budget = cpu_budget() if budget is None else budget
+        n = min(torch.get_num_threads(), choose_threads(budget.affinity, budget.quota, budget.load, passive=passive))
+        torch.set_num_threads(n)
+        why = "passive OpenMP waits" if passive else "spinning OpenMP waits (torch was imported first)"
+        _POLICY = ThreadPolicy(n, passive, dict(_OPENMP_SET), budget, why)
+    return _POLICY
+
+
+def thread_policy() -> ThreadPolicy | None:
+    """The decision of the last :func:`apply_thread_policy` (None before it ran)."""
+    return _POLICY
+
+
 def _user_cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "marginlab"
@@ -178,6 +340,7 @@ def describe() -> dict[str, Any]:
         "device_name": name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "thread_policy": None if _POLICY is None else {k: v for k, v in asdict(_POLICY).items() if k != "budget"},
     }
 
 

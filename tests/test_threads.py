@@ -1,0 +1,167 @@
+"""The CPU thread policy (issue 15): its decisions as a pure function, and that ``import marginlab`` applies it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from marginlab import config
+from marginlab.config import CpuBudget, choose_threads, openmp_environment
+
+
+# ---- the decisions, from given inputs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpus, quota, load, passive, expected", [
+    (2, None, 0.0, True, 2),     # an idle 2-core laptop: both cores
+    (2, None, 1.0, True, 2),     # beside one busy process: passive waits degrade gracefully, keep both
+    (2, None, 9.0, True, 2),
+    (64, 2.0, 0.0, True, 2),     # a container limited to 2 CPUs on a 64-core host: 2, not 64
+    (64, 1.5, 0.0, True, 1),     # a fractional quota rounds down
+    (4, 0.5, 0.0, True, 1),      # and never below one thread
+    (2, 8.0, 0.0, True, 2),      # a quota above the affinity mask changes nothing
+    (2, None, 0.2, False, 2),    # spinning waits on an idle machine: both cores
+    (2, None, 0.6, False, 1),    # spinning beside a busy process: the busy CPU is taken off
+    (2, None, 1.0, False, 1),
+    (8, None, 3.4, False, 5),
+    (2, None, 10.0, False, 1),   # never below one thread
+    (16, 4.0, 1.0, False, 3),    # quota first, then the load
+])
+def test_choose_threads(cpus, quota, load, passive, expected):
+    assert choose_threads(cpus, quota, load, passive=passive) == expected
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cpus=0), "cpus"), (dict(cpus=2.0), "cpus"), (dict(cpus=2, quota=0.0), "quota"),
+    (dict(cpus=2, load=-1.0), "load"), (dict(cpus=2, load=float("nan")), "load"),
+])
+def test_choose_threads_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        choose_threads(**kwargs)
+
+
+@pytest.mark.parametrize("environ, torch_loaded, expected", [
+    ({}, False, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"MARGINLAB_THREADS": "auto"}, False, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"MARGINLAB_THREADS": "2"}, False, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({}, True, {}),                                  # too late: OpenMP read its environment with torch
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, False, {}),      # the user's choice stands
+    ({"GOMP_SPINCOUNT": "5000"}, False, {}),
+    ({"MARGINLAB_THREADS": "off"}, False, {}),       # opted out
+])
+def test_openmp_environment(environ, torch_loaded, expected):
+    assert openmp_environment(environ, torch_loaded) == expected
+
+
+def test_bad_threads_setting():
+    with pytest.raises(ValueError, match="MARGINLAB_THREADS"):
+        openmp_environment({"MARGINLAB_THREADS": "many"}, False)
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert config.cgroup_cpu_quota(v2) == pytest.approx(1.5)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert config.cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert config.cgroup_cpu_quota(v1) == pytest.approx(2.0)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert config.cgroup_cpu_quota(v1) is None
+    assert config.cgroup_cpu_quota(tmp_path / "missing") is None
+
+
+def test_cpu_budget_is_sane():
+    b = config.cpu_budget()
+    assert 1 <= b.affinity <= (os.cpu_count() or 1)
+    assert b.load >= 0 and (b.quota is None or b.quota > 0)
+
+
+@pytest.fixture
+def restore_threads():
+    before, policy = torch.get_num_threads(), config.thread_policy()
+    yield
+    torch.set_num_threads(before)
+    config._POLICY = policy
+
+
+@pytest.mark.parametrize("environ, budget, expected", [
+    ({}, CpuBudget(affinity=1, quota=None, load=0.0), 1),          # the budget decides
+    ({"MARGINLAB_THREADS": "1"}, None, 1),                          # an explicit count
+    ({"MARGINLAB_THREADS": "off"}, CpuBudget(1, None, 0.0), None),   # torch left alone
+    ({"OMP_NUM_THREADS": "2"}, CpuBudget(1, None, 0.0), None),       # the user's OpenMP count stands
+])
+def test_apply_thread_policy(restore_threads, environ, budget, expected):
+    torch.set_num_threads(2)
+    policy = config.apply_thread_policy(environ, budget)
+    assert policy.threads == expected and config.thread_policy() is policy
+    assert torch.get_num_threads() == (2 if expected is None else expected)
+
+
+def test_apply_thread_policy_never_raises_the_count(restore_threads):
+    torch.set_num_threads(1)  # the caller's (or torch's default) choice is the ceiling
+    assert config.apply_thread_policy({}, CpuBudget(affinity=8, quota=None, load=0.0)).threads == 1
+    assert torch.get_num_threads() == 1
+
+
+# ---- import marginlab applies it (fresh interpreters) -------------------------------------------------------
+
+_PROBE = ("{first}import marginlab, torch, json; p = marginlab.config.thread_policy(); "
+          "print(json.dumps(dict(threads=torch.get_num_threads(), policy_threads=p.threads, passive=p.passive)))")
+
+
+def _probe(env_extra: dict[str, str], torch_first: bool = False, cpus: set[int] | None = None) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                        "MARGINLAB_THREADS")}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", **env_extra)  # libgomp prints its settings when torch loads it
+    code = _PROBE.format(first="import torch; " if torch_first else "")
+    preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=preexec)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _spincount(stderr: str) -> int:
+    lines = [ln for ln in stderr.splitlines() if "GOMP_SPINCOUNT" in ln]
+    if not lines:
+        pytest.skip("this torch's OpenMP runtime does not report GOMP_SPINCOUNT (not libgomp)")
+    return int(lines[0].split("=")[1].strip().strip("'"))
+
+
+def test_import_marginlab_makes_openmp_wait_passively():
+    out, err = _probe({})
+    assert _spincount(err) == 0  # OMP_WAIT_POLICY=PASSIVE reached OpenMP: no spinning at all
+    assert out["passive"] and out["threads"] == out["policy_threads"] >= 1
+
+
+def test_import_marginlab_threads_follow_the_affinity_mask():
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs at least two CPUs and sched_setaffinity")
+    out, _ = _probe({}, cpus={min(os.sched_getaffinity(0))})
+    assert out["threads"] == 1
+
+
+def test_torch_imported_first_falls_back_to_the_load():
+    """A notebook that imported torch first keeps libgomp's spinning; the policy then counts the load."""
+    out, err = _probe({}, torch_first=True)
+    assert _spincount(err) > 0 and not out["passive"]
+    assert 1 <= out["threads"] <= len(os.sched_getaffinity(0))
+
+
+def test_opting_out_and_the_users_choice():
+    out, err = _probe({"MARGINLAB_THREADS": "off"})
+    assert _spincount(err) > 0 and out["policy_threads"] is None
+    out, err = _probe({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert _spincount(err) > 300_000  # ACTIVE spins (practically) forever; we did not override it
+    out, _ = _probe({"MARGINLAB_THREADS": "1"})
+    assert out["threads"] == 1
