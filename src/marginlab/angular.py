@@ -370,7 +370,7 @@ def default_config(dataset: str = "mnist", model: str = "cwnet") -> Ch5Config:
                      eval_batch_size=128 if model == "wrn" else EVAL_BATCH_SIZE, **wrn)
     # standard: estimates from single-thread throughput measured on an idle core (CWNet+BN: MNIST ~1,700,
     # CIFAR ~280 images/s for a training step or an attack step); see the chapter's settings table
-    few = 100 if mnist else 50  # C&W and MTA (thousands of steps per robust image) on the first images only
+    few = 50 if mnist else 10  # C&W and MTA (thousands of steps per robust image) on the first images only
     standard = Ch5Config(
         dataset=dataset, n_train=None, n_test=1000 if mnist else 200, epochs=20 if mnist else 5,
         at_epochs=2 if mnist else 1, at_steps=full.at_steps, at_step_size=full.at_step_size,
