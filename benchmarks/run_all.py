@@ -3,6 +3,9 @@
     python benchmarks/run_all.py            # all benchmarks
     python benchmarks/run_all.py attacks    # only those whose file name contains "attacks"
 
+Every ``benchmarks/bench_*.py`` is run (bench_attacks: PGD vs foolbox; bench_autoattack: AutoAttack vs
+torchattacks, needs ``pip install --no-deps torchattacks==3.5.1``; bench_differential; bench_train).
+
 Also prints the per-chapter runtimes recorded in results/<profile>/*.json by the last chapter runs.
 """
 from __future__ import annotations
