@@ -52,7 +52,7 @@ _CACHE_FORMAT = 1
 __all__ = [
     "History", "fit", "predict", "accuracy", "cache_key", "cache_path", "eval_mode", "class_indices",
     "OPTIMIZERS", "SAMPLERS", "AUGMENTATIONS", "EVAL_BATCH_SIZE", "StepSchedule", "step_schedule", "crop_flip",
-    "RECIPES", "recipe",
+    "RECIPES", "recipe", "progress_bar",
 ]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
@@ -608,14 +608,31 @@ def _balanced_batches(groups: Sequence[torch.Tensor], half: int, gen: torch.Gene
 
 
 def _progress_enabled(progress: bool | None) -> bool:
+    """``progress`` if given; else ``$MARGINLAB_PROGRESS`` (1/0: set by ``python -m marginlab run`` for the chapter's
+    kernel, whose bars it forwards to the terminal); else on in a terminal without ``$CI``."""
     if progress is not None:
         return bool(progress)
-    if os.environ.get("CI"):
+    forced = os.environ.get("MARGINLAB_PROGRESS", "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no") or os.environ.get("CI"):
         return False
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def progress_bar(iterable: Iterable[Any], **kw: Any) -> Any:
+    """A tqdm bar: plain text on stderr when ``$MARGINLAB_PROGRESS=1`` (a headless run forwards it to the terminal),
+    else ``tqdm.auto`` (a widget in a notebook)."""
+    if os.environ.get("MARGINLAB_PROGRESS", "").strip().lower() in ("1", "true", "yes"):
+        from tqdm import tqdm
+
+        return tqdm(iterable, file=sys.stderr, dynamic_ncols=False, ncols=100, **kw)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
 
 
 def _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_size, sampler, seed, max_steps,
@@ -805,9 +822,7 @@ def _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, 
     bar = None
     epoch_iter: Iterable[int] = range(1, epochs + 1)
     if _progress_enabled(progress):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(epoch_iter, total=epochs, desc=f"fit {type(model).__name__}", leave=False)
+        bar = progress_bar(epoch_iter, total=epochs, desc=f"fit {type(model).__name__}", leave=False)
         epoch_iter = bar
     try:
         for epoch in epoch_iter:
