@@ -329,3 +329,24 @@ def test_margin_gap_and_correct(setup):
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError):
         attacks.correct(model, x, y[:3])
+
+
+def test_attack_objects_chunks_and_device_boundary(setup):
+    model, x, y, _ = setup
+    xs, ys = x[:48], y[:48]
+    # the functional API is a thin wrapper over the class
+    assert torch.equal(attacks.PGD(0.1, 5, seed=2)(model, xs, ys), attacks.pgd(model, xs, ys, 0.1, 5, seed=2))
+    res = attacks.PGD(0.1, 5, seed=2).run(model, xs, ys)
+    assert torch.equal(res.success, ~attacks.correct(model, res.x_adv, ys))
+    # chunks are independent: chunk 0 of a chunked run is the unchunked run of those rows
+    chunked = attacks.PGD(0.1, 5, seed=2, batch_size=16)(model, xs, ys)
+    assert torch.equal(chunked[:16], attacks.PGD(0.1, 5, seed=2)(model, xs[:16], ys[:16]))
+    attacks.assert_in_ball(xs, chunked, 0.1)
+    # minimisation attacks: outputs in the box, success = misclassified
+    df = attacks.DeepFool(steps=10).run(model, xs, ys)
+    assert torch.equal(df.success, ~attacks.correct(model, df.x_adv, ys))
+    # an explicit device other than the model's is refused (the model is not moved behind the caller's back)
+    with pytest.raises(ValueError, match="device"):
+        attacks.pgd(model, xs, ys, 0.1, 2, device="meta")
+    with pytest.raises(ValueError, match="batch_size"):
+        attacks.PGD(0.1, 2, batch_size=0)
