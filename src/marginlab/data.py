@@ -75,9 +75,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import config
+from .train import _progress_enabled, progress_bar  # text bars on a headless run, widgets in a notebook
 
 __all__ = [
     "DATASETS", "SPLITS", "RESOURCES", "CIFAR10_CLASSES", "DownloadError", "ChecksumError",
@@ -517,9 +517,7 @@ def _expected_md5(filename: str, md5: str) -> str:
 
 
 def _show_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    return _progress_enabled(progress)
 
 
 class _Interrupted(OSError):
@@ -560,7 +558,7 @@ def _transfer(url: str, part: Path, desc: str, progress: bool | None, timeout: f
                     return _transfer(url, part, desc, progress, timeout)
             total = int(length) if length is not None else None
             written = 0
-            with open(part, "ab" if resumed else "wb") as f, tqdm(
+            with open(part, "ab" if resumed else "wb") as f, progress_bar(None,
                 total=None if total is None else total + (offset if resumed else 0),
                 initial=offset if resumed else 0, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=desc, disable=not _show_progress(progress), leave=False,
