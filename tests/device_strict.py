@@ -29,7 +29,8 @@ tensor's shape (``resize_``, ``set_``, ``unsqueeze_``) are not supported and rai
 ``NotImplementedError``; ``.data = plain_cpu_tensor`` on a device tensor raises (CUDA moves the
 tensor to the CPU); ``fused=True`` optimisers refuse the ``meta`` device.
 
-Use: ``enable()`` / ``disable()`` (process-wide, for the calling thread and the autograd engine), or
+Use: ``enable()`` / ``disable()`` (for the rest of the process, in the calling thread, where the autograd
+engine also runs this device's backward passes; threads started elsewhere do not see the mode), or
 ``with strict_device():``; in pytest the ``strict_device`` fixture of ``tests/test_device_strict.py``;
 in a subprocess or Jupyter kernel ``PYTHONPATH=tests/strict_site MARGINLAB_DEVICE_STRICT=1``, with
 ``MARGINLAB_DEVICE=meta`` so that ``marginlab.config.device()`` picks the device.

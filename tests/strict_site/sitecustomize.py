@@ -4,6 +4,8 @@ Put this directory on ``PYTHONPATH`` (``PYTHONPATH=tests/strict_site``) for a su
 kernel; with the variable unset or ``0`` nothing happens. ``tests/device_strict.py`` is imported by path
 and registered as the module ``device_strict``, so that tests importing it share its classes. Set
 ``MARGINLAB_DEVICE=meta`` too, so that ``marginlab.config.device()`` picks the stand-in device.
+With ``MARGINLAB_DEVICE_STRICT_LOG=FILE`` every interpreter that turned the mode on appends a line
+(pid and command line) to FILE: how a test proves that a kernel started by a runner got the mode.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ def _activate() -> None:
         sys.modules["device_strict"] = module
         spec.loader.exec_module(module)
     module.enable()
+    log = os.environ.get("MARGINLAB_DEVICE_STRICT_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {' '.join(getattr(sys, 'orig_argv', sys.argv))}\n")
 
 
 _activate()
