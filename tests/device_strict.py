@@ -125,7 +125,7 @@ class DeviceTensor(torch.Tensor):
 
     @property
     def data(self) -> torch.Tensor:  # type: ignore[override]
-        return self.detach()
+        return torch._C.TensorBase.data.__get__(self)  # shares the memory, own version counter
 
     @data.setter
     def data(self, new: torch.Tensor) -> None:
