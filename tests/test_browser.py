@@ -120,7 +120,9 @@ def _open(browser, url: str, width: int) -> None:
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": width, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": width < 600})
     browser.get(url)
-    assert browser.execute_script("return document.readyState") == "complete"
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
     # Images load asynchronously after readyState in some builds: wait for them (bounded).
     browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
