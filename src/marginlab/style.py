@@ -25,7 +25,9 @@ LINE_LENGTH = 88
 _FENCE = re.compile(r"^(`{3,})\{code-cell\}")
 _OPTION = re.compile(r"^:[\w-]+:")
 # A line that is one string literal (an argument inside brackets), e.g. `    f"text {x} more",`
-_STRING_LINE = re.compile(r"^(?P<indent>\s+)(?P<prefix>[fFrRbBuU]{0,2})(?P<q>[\"'])(?P<body>.*)(?P=q)(?P<tail>[,)\]}]*\s*)$")
+_STRING_LINE = re.compile(
+    r"^(?P<indent>\s+)(?P<prefix>[fFrRbBuU]{0,2})(?P<q>[\"'])(?P<body>.*)(?P=q)(?P<tail>[,)\]}]*\s*)$"
+)
 
 
 @dataclass(frozen=True)
