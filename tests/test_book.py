@@ -40,10 +40,29 @@ def test_chapter_download_is_a_real_notebook(built_book: Path):
 
 
 def test_scorecards_render_as_tables_with_chapter_links(built_book: Path):
-    """Markdown outputs are parsed as MyST, so the scorecards reach the reader as real tables."""
+    """The scorecard page and each chapter's card use the shared renderer, one column per profile."""
     page = (built_book / "book" / "scorecard.html").read_text()
-    assert '<table class="table">' in page
+    assert 'class="ml-sc' in page
     for stem in ("01_two_point_dynamics", "04_differential_training"):
         assert f'href="../chapters/{stem}.html"' in page, stem
     chapter = (built_book / "chapters" / "01_two_point_dynamics.html").read_text()
-    assert "ours (full, stored)" in chapter and '<table class="table">' in chapter
+    assert 'class="ml-sc' in chapter
+    for profile in ("quick", "standard", "full"):
+        assert f">{profile}<" in chapter, profile
+
+
+def test_citation_labels_distinguish_the_two_2019_papers():
+    """Nar et al. 2019a and 2019b get distinct bibliography labels (book/_ext/bib_labels.py)."""
+    import sys
+
+    from pybtex.database import parse_file
+
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        from bib_labels import YearSuffixLabelStyle
+    finally:
+        sys.path.pop(0)
+    bib = parse_file(str(ROOT / "book" / "references.bib"))
+    nar = [e for e in bib.entries.values() if e.persons["author"][0].last_names == ["Nar"]]
+    labels = sorted(YearSuffixLabelStyle().format_label(e) for e in nar)
+    assert labels == ["NOSR19a", "NOSR19b"], labels
