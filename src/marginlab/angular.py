@@ -437,8 +437,12 @@ def _make_wrn(method: str, cfg: Ch5Config, feature_activation: str | None) -> nn
     from .models import WideResNet
 
     ours = method == "Ours"
+    # 002 §4.1 normalises the images; the per-channel statistics of the CIFAR training sets
+    stats_ = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+              "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
     base = WideResNet(depth=cfg.wrn_depth, widen_factor=cfg.wrn_width, num_classes=cfg.num_classes,
-                      feature_activation=feature_activation or ("tanh" if ours else "relu"), head_bias=not ours)
+                      normalize=stats_.get(cfg.dataset), feature_activation=feature_activation or ("tanh" if ours else "relu"),
+                      head_bias=not ours)
     if method == "MMC":
         return MMCNet(base, cfg.num_classes, base.head.in_features, cfg.c_mm)
     return base
