@@ -52,7 +52,7 @@ _CACHE_FORMAT = 1
 __all__ = [
     "History", "fit", "predict", "accuracy", "cache_key", "cache_path", "eval_mode", "class_indices",
     "OPTIMIZERS", "SAMPLERS", "AUGMENTATIONS", "EVAL_BATCH_SIZE", "StepSchedule", "step_schedule", "crop_flip",
-    "RECIPES", "recipe", "progress_bar",
+    "RECIPES", "recipe", "progress_bar", "training_forbidden",
 ]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
@@ -371,6 +371,13 @@ def cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cache: str,
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
+def training_forbidden() -> bool:
+    """Whether ``$MARGINLAB_FORBID_TRAINING`` is set (1/true/yes): a :func:`fit` with a cache tag then raises
+    ``RuntimeError`` on a cache miss instead of training, so a chapter run after its job plan proves that the plan
+    covered every model. Fits without a cache tag (tiny models trained in place) are not affected."""
+    return os.environ.get("MARGINLAB_FORBID_TRAINING", "").strip().lower() in ("1", "true", "yes")
+
+
 def cache_path(key: str, root: str | os.PathLike | None = None) -> Path:
     """Where the cache entry ``key`` lives: ``config.cache_dir()/<key>.pt``."""
     return config.cache_dir(root) / f"{key}.pt"
@@ -438,6 +445,8 @@ def _save_cached(path: Path, key: str, model: nn.Module, history: History) -> No
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data reach the disk before the rename publishes the file (crash, NFS)
         os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
     except BaseException:
         if os.path.exists(tmp):
@@ -669,6 +678,16 @@ def _validate(model, x, y, optimizer, lr, momentum, weight_decay, epochs, batch_
         raise ValueError("model has no trainable parameters")
 
 
+def _check_label_range(model: nn.Module, x: torch.Tensor, y_idx: torch.Tensor, dev: torch.device) -> None:
+    """Class indices must be below the model's number of logits (one eval forward of one input)."""
+    with eval_mode(model), torch.no_grad():
+        out = model(x[:1].to(dev))
+    k = 2 if out.dim() == 1 or out.shape[-1] == 1 else out.shape[-1]
+    top = int(y_idx.max())
+    if top >= k:
+        raise ValueError(f"labels y go up to class {top}, but the model has {k} outputs (classes 0..{k - 1})")
+
+
 def _run_callbacks(callbacks: Sequence[Callback], epoch: int, model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not callbacks:
@@ -741,7 +760,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
             Return values rather than appending to outside lists: on a cache hit callbacks are not called and the
             cached history (with their values) is returned.
         cache: a tag; if given, the trained weights and history are cached under :func:`cache_key` and a hit loads
-            them instead of training (``history.cached`` is True).
+            them instead of training (``history.cached`` is True); a miss raises ``RuntimeError`` when
+            ``$MARGINLAB_FORBID_TRAINING`` is set (:func:`training_forbidden`).
         progress: tqdm bar over epochs; default on only in a terminal without ``$CI``.
         lr_schedule: None, "cosine" (per epoch, from lr to 0), "step:EVERY:GAMMA" (:class:`StepSchedule`, e.g.
             "step:60:0.9" for Xu, Li & Yang 2020) or ``f(epoch) -> factor`` (epoch = 0, 1, ... of the epoch about to
@@ -769,6 +789,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
     y = _as_y(y, x.shape[0])
     default_ce = _is_default_ce(loss_fn)
     y_idx = class_indices(y)  # validates ±1 labels; used for accuracies (and the default loss)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or infinite values; clean the inputs before training")
     groups: list[torch.Tensor] = []
     if sampler == "balanced":
         values = torch.unique(y)
@@ -784,10 +806,16 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
                         lr_schedule=lr_schedule, until_zero_error=until_zero_error, max_steps=max_steps,
                         callbacks=callbacks, augment=augment)
     model.to(dev)
+    if default_ce:
+        _check_label_range(model, x, y_idx, dev)
     if key is not None:
         hit = _load_cached(cache_path(key), key, model)
         if hit is not None:
             return hit
+        if training_forbidden():
+            raise RuntimeError(
+                f"MARGINLAB_FORBID_TRAINING is set and the model cached as {cache!r} is not in the cache "
+                f"({cache_path(key)}); train it first (python -m marginlab jobs CHAPTER --run) or unset the variable")
 
     modes = [(m, m.training) for m in model.modules()]
     start = time.perf_counter()
