@@ -48,8 +48,8 @@ from . import config
 
 __all__ = [
     "ASSUMED_GPU", "CHAPTER_MODULES", "STATUSES", "WORKER_ENV", "Built", "Cost", "Job", "JobReport", "Spec", "build",
-    "call", "chapter_jobs", "dataset", "estimate", "execute", "format_plan", "job_key", "main", "makespan", "model",
-    "plan", "resolve_chapter", "run_jobs",
+    "cached_history", "call", "chapter_jobs", "dataset", "estimate", "execute", "format_plan", "job_key",
+    "keep_cache_name", "main", "makespan", "model", "plan", "resolve_chapter", "run_jobs",
 ]
 
 #: The chapter modules that publish ``training_jobs()`` (chapters 1 and 2 train no network).
@@ -327,6 +327,42 @@ def build(job: Job) -> Built:
     if not isinstance(m, nn.Module):
         raise TypeError(f"job {job.label}: the model spec must return an nn.Module, got {type(m).__name__}")
     return Built(m, x, y, fit)
+
+
+def cached_history(job: Job, cache_dir: str | os.PathLike | None = None) -> Any | None:
+    """The :class:`~marginlab.train.History` of ``job`` if its model is in the cache, else None; nothing is trained.
+    For plans whose later jobs depend on an earlier training's outcome (chapter 4 re-runs eq. 7 up to the epoch at
+    which it first reached zero training error)."""
+    from . import train
+
+    key = job.key or job_key(job)
+    path = config.cache_dir(cache_dir) / f"{key}.pt"
+    if not _cached_ok(path, key):
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return train.History(rows=train._from_storable(blob["rows"]), meta=train._from_storable(blob["meta"]))
+
+
+def keep_cache_name(fn: Callable[..., Any], qualname: str) -> Callable[..., Any]:
+    """``fn`` (a function just defined by a factory) renamed to ``qualname``: its ``__qualname__`` and its code's
+    ``co_qualname``, nested code objects included. Returns ``fn``.
+
+    A cache key hashes a loss's or callback's qualified name with its bytecode (``train._fingerprint``). A callback
+    first written inside a chapter's training function and later moved into a module-level factory (so that a
+    :class:`Spec` can name it) keeps, under its old name, the keys of every model already trained with it."""
+    old = fn.__qualname__
+
+    def rename(code: Any) -> Any:
+        consts = tuple(rename(c) if isinstance(c, type(code)) else c for c in code.co_consts)
+        changes: dict[str, Any] = {"co_consts": consts}
+        inner = getattr(code, "co_qualname", None)  # Python >= 3.11
+        if inner is not None and inner.startswith(old):
+            changes["co_qualname"] = qualname + inner[len(old):]
+        return code.replace(**changes)
+
+    fn.__code__ = rename(fn.__code__)
+    fn.__qualname__ = qualname
+    return fn
 
 
 def _key_of(b: Built) -> str:

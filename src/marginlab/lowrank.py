@@ -348,24 +348,117 @@ def train_variant(name: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, b
     """A fresh He-initialised :class:`~marginlab.models.LeNet` (seeded by ``seed``) trained on cross-entropy
     with the optimiser of ``VARIANTS[name]`` (or ``settings``) for ``epochs`` epochs, or until zero
     training error with ``until_zero_error``. Returns ``(model, history)``."""
-    from .models import LeNet
     from .train import fit
 
+    opts = _variant_settings(name, settings)
+    bn = opts.pop("batchnorm", False)
+    model = lenet(batchnorm=bn, seed=seed, in_channels=x.shape[1])
+    hist = _fit_single_thread(fit, model, x, y, device, epochs=epochs, batch_size=batch_size, seed=seed,
+                              callbacks=callbacks, cache=cache, until_zero_error=until_zero_error, **opts)
+    return model, hist
+
+
+def _variant_settings(name: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     if settings is None:
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose one of {tuple(VARIANTS)}")
         settings = VARIANTS[name]
-    opts = dict(settings)
-    bn = opts.pop("batchnorm", False)
-    config.seed_everything(seed)
-    model = LeNet(in_channels=x.shape[1], num_classes=2, batchnorm=bn)
+    return dict(settings)
+
+
+def _fit_single_thread(fit: Callable, model: nn.Module, x, y, device, **kw):
     # On a CPU a LeNet's small convolutions gain little from a second intra-op thread and lose 10-20x when
     # the cores are shared (measured: 0.28 s vs 5.7 s per epoch at load 3 on 2 cores), so train on one.
     single = config.device(device).type == "cpu"
     with config.cpu_threads(1) if single else nullcontext():
-        hist = fit(model, x, y, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
-                   cache=cache, device=device, until_zero_error=until_zero_error, **opts)
-    return model, hist
+        return fit(model, x, y, device=device, **kw)
+
+
+def lenet(batchnorm: bool = False, seed: int = 0, in_channels: int = 3, num_classes: int = 2) -> nn.Module:
+    """The chapter's He-initialised :class:`~marginlab.models.LeNet`, seeded by ``seed``
+    (``config.seed_everything``) — a model factory for the job plan."""
+    from .models import LeNet
+
+    config.seed_everything(seed)
+    return LeNet(in_channels=in_channels, num_classes=num_classes, batchnorm=batchnorm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's trainings as a job plan (python -m marginlab jobs 3); the notebook trains through the same jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def chapter_settings() -> dict[str, Any]:
+    """Sizes of the active run (:func:`marginlab.config.pick`; none of them is the paper's, see the chapter's
+    settings table): batch size, epoch budgets, which variants are also trained long, smoke subset sizes."""
+    return {
+        "batch_size": config.pick(quick=32, full=128),
+        "max_epochs": config.pick(quick=40, full=300, smoke=1),
+        "long_epochs": config.pick(quick=60, full=1000, smoke=2),
+        "long_variants": config.pick(quick=("SGD + momentum",), full=tuple(VARIANTS)),
+        "seed": 0,
+        "level": 0.99,
+        # the smoke run: toy sizes of the full profile's code paths (None: every image)
+        "n_train": config.pick(quick=None, full=None, smoke=256),
+        "n_test": config.pick(quick=None, full=None, smoke=128),
+    }
+
+
+def chapter_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`binary_cifar` of ``split`` for the active run (the smoke run's first images only); the full
+    profile first checks that all 10,000 airplane and horse images are there."""
+    from . import data
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if config.run_name() == "full":
+        data.require("cifar10")
+    x, y = binary_cifar(split)
+    n = chapter_settings()["n_train" if split == "train" else "n_test"]
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+def variant_tag(name: str, long: bool = False) -> str:
+    """The cache tag of a variant's run: ``ch03-SGD-momentum``; its long run ``ch03-momentum-long`` (momentum)
+    or ``ch03-<name>-long``."""
+    base = f"ch03-{name.replace(' ', '').replace('+', '-')}"
+    if not long:
+        return base
+    return "ch03-momentum-long" if name == "SGD + momentum" else f"{base}-long"
+
+
+def variant_job(name: str, long: bool = False) -> "jobs.Job":
+    """The training of variant ``name`` in the active run: until zero training error within ``max_epochs``
+    (``long=False``), or ``long_epochs`` epochs regardless (``long=True``); the :func:`rank_callback` over the
+    training and test features after every epoch rides in its history."""
+    from . import jobs
+
+    st = chapter_settings()
+    opts = _variant_settings(name)
+    bn = opts.pop("batchnorm", False)
+    sets = {"train": jobs.call(chapter_data, "train"), "test": jobs.call(chapter_data, "test")}
+    fit = dict(epochs=st["long_epochs"] if long else st["max_epochs"], batch_size=st["batch_size"], seed=st["seed"],
+               callbacks=[jobs.call(rank_callback, sets, level=st["level"])], cache=variant_tag(name, long),
+               until_zero_error=not long, **opts)
+    return jobs.Job("03", variant_tag(name, long).removeprefix("ch03-"),
+                    model=jobs.call(lenet, batchnorm=bn, seed=st["seed"], in_channels=3),
+                    data=jobs.call(chapter_data, "train"), fit=fit)
+
+
+def training_jobs() -> list["jobs.Job"]:
+    """Every training of chapter 3 in the active run: each variant to zero training error, then the long runs."""
+    long = chapter_settings()["long_variants"]
+    return [variant_job(n) for n in VARIANTS] + [variant_job(n, long=True) for n in long]
+
+
+def train_chapter_variant(name: str, long: bool = False, device=None):
+    """Train (or load from the cache) :func:`variant_job` ``(name, long)``: the notebook's call, the same job
+    ``python -m marginlab jobs 3 --run`` trains. Returns ``(model, history)``."""
+    from . import jobs
+    from .train import fit
+
+    b = jobs.build(variant_job(name, long))
+    return b.model, _fit_single_thread(fit, b.model, b.x, b.y, device, **b.fit)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor, device=None) -> torch.Tensor:
