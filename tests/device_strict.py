@@ -32,7 +32,7 @@ tensor to the CPU); ``fused=True`` optimisers refuse the ``meta`` device.
 Use: ``enable()`` / ``disable()`` (for the rest of the process, in the calling thread, where the autograd
 engine also runs this device's backward passes; threads started elsewhere do not see the mode), or
 ``with strict_device():``; in pytest the ``strict_device`` fixture of ``tests/test_device_strict.py``;
-in a subprocess or Jupyter kernel ``PYTHONPATH=tests/strict_site MARGINLAB_DEVICE_STRICT=1``, with
+in a subprocess or Jupyter kernel ``PYTHONPATH=<absolute>/tests/strict_site MARGINLAB_DEVICE_STRICT=1``, with
 ``MARGINLAB_DEVICE=meta`` so that ``marginlab.config.device()`` picks the device.
 """
 from __future__ import annotations
@@ -50,8 +50,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = [
-    "DEVICE", "DeviceTensor", "DeviceGenerator", "enable", "disable", "enabled", "strict_device",
-    "is_device_tensor", "unwrap",
+    "DEVICE",
+    "DeviceGenerator",
+    "DeviceTensor",
+    "disable",
+    "enable",
+    "enabled",
+    "is_device_tensor",
+    "strict_device",
+    "unwrap",
 ]
 
 DEVICE = torch.device("meta")
@@ -79,7 +86,7 @@ class DeviceTensor(torch.Tensor):
     __slots__ = ("_elem",)
 
     @staticmethod
-    def __new__(cls, elem: torch.Tensor, requires_grad: bool = False) -> "DeviceTensor":
+    def __new__(cls, elem: torch.Tensor, requires_grad: bool = False) -> DeviceTensor:
         if type(elem) is not torch.Tensor and not isinstance(elem, torch.nn.Parameter):
             raise TypeError(f"DeviceTensor wraps a plain CPU tensor, got {type(elem).__name__}")
         if elem.device.type != "cpu":
@@ -228,7 +235,7 @@ def _check_index(func, args, kwargs) -> None:
         raise _mismatch(func, dev, _device_of(values), " (values)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mutated_outputs(func) -> tuple[tuple[int, int | str], ...]:
     """For each output that is an argument mutated in place: (output index, argument position or name)."""
     schema = func._schema

@@ -1,7 +1,8 @@
 """Turn the device-strict test mode on in this interpreter when ``MARGINLAB_DEVICE_STRICT=1``.
 
-Put this directory on ``PYTHONPATH`` (``PYTHONPATH=tests/strict_site``) for a subprocess or a Jupyter
-kernel; with the variable unset or ``0`` nothing happens. ``tests/device_strict.py`` is imported by path
+Put this directory on ``PYTHONPATH`` as an absolute path (``PYTHONPATH=$PWD/tests/strict_site``: a
+chapter's kernel starts in ``chapters/``, where a relative entry finds nothing) for a subprocess or a
+Jupyter kernel; with the variable unset or ``0`` nothing happens. ``tests/device_strict.py`` is imported by path
 and registered as the module ``device_strict``, so that tests importing it share its classes. Set
 ``MARGINLAB_DEVICE=meta`` too, so that ``marginlab.config.device()`` picks the stand-in device.
 With ``MARGINLAB_DEVICE_STRICT_LOG=FILE`` every interpreter that turned the mode on appends a line
