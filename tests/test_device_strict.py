@@ -479,16 +479,22 @@ def test_margins_with_a_device_model(strict_device):
 # ------------------------------------------------------------------------------ chapter 5 (angular)
 
 
+def _fields(cls, **kw) -> dict:
+    """``kw`` restricted to the fields ``cls`` has (the chapters' configs grow while these tests stay)."""
+    return {k: v for k, v in kw.items() if k in cls.__dataclass_fields__}
+
+
 def _ch5_config(**kw) -> angular.Ch5Config:
-    specs = (angular.AttackSpec("PGD3", "pgd", 0.3, 3, 0.1),
-             angular.AttackSpec("DeepFool", "deepfool", 0.3, 3, 0.02),
-             angular.AttackSpec("C&W", "cw", 3.0, 3, 0.05, norm="l2", binary_search_steps=1, initial_const=1.0),
-             angular.AttackSpec("MTA3", "mta", 0.3, 3, 0.1, num_targets=2))
+    spec = lambda **a: angular.AttackSpec(**_fields(angular.AttackSpec, **a))  # noqa: E731
+    specs = (spec(name="PGD3", kind="pgd", eps=0.3, steps=3, step_size=0.1),
+             spec(name="DeepFool", kind="deepfool", eps=0.3, steps=3, overshoot=0.02),
+             spec(name="C&W", kind="cw", eps=3.0, norm="l2", steps=3, lr=0.05, binary_search_steps=1,
+                  initial_const=1.0),
+             spec(name="MTA3", kind="mta", eps=0.3, steps=3, step_size=0.1, num_targets=2))
     base = dict(dataset="mnist", n_train=16, n_test=8, epochs=1, batch_size=8, attacks=specs, audit_steps=3,
                 audit_restarts=1, at_steps=1, at_step_size=0.15, eval_batch_size=8)
     base.update(kw)
-    fields = angular.Ch5Config.__dataclass_fields__
-    return angular.Ch5Config(**{k: v for k, v in base.items() if k in fields})
+    return angular.Ch5Config(**_fields(angular.Ch5Config, **base))
 
 
 def _mnist_like(n: int, seed: int = 0):
@@ -602,12 +608,15 @@ def _airplane_horse_like(n: int, seed: int = 0):
 
 
 def test_differential_training_and_evaluation_on_the_device(strict_device):
-    xtr, ytr = _airplane_horse_like(16)
-    xte, yte = _airplane_horse_like(8, seed=1)
-    data = {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
-    cfg = differential.CifarConfig(n_train=16, n_test=8, epochs=1, batch_size=8, pgd_steps=2, strong_steps=2,
-                                   strong_restarts=1, unbounded_steps=3, cw_steps=3, cw_search=1,
-                                   deepfool_steps=3, epsilons=(0.0, 2 / 255))
+    cfg = differential.CifarConfig(**_fields(
+        differential.CifarConfig, n_train=16, n_test=8, epochs=1, batch_size=8, pgd_steps=2, strong_steps=2,
+        strong_restarts=1, unbounded_steps=3, cw_steps=3, cw_search=1, deepfool_steps=3,
+        epsilons=(0.0, 2 / 255), eval_batch_size=8))
+    try:  # train_cifar trains on the chapter's own data (its cached job), the first images of CIFAR-10
+        data = differential.load_airplane_horse(cfg.n_train, cfg.n_test)
+    except Exception as err:  # noqa: BLE001  (no data here: a loader error of any kind)
+        pytest.skip(f"CIFAR-10 airplane/horse images not available ({type(err).__name__}); set MARGINLAB_DATA")
+    xte, yte = data["x_test"], data["y_test"]
     for kind in ("ce", "eq7"):
         model, hist = differential.train_cifar(kind, data, cfg)
         assert _on_device(model) and "test_acc" in hist.last
