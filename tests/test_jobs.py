@@ -184,12 +184,12 @@ def test_local_run_then_second_run_trains_nothing(cache):
 
 
 def test_failing_job_is_reported_and_the_others_finish(cache):
-    bad = mlp_job("bad", num_classes=2)  # ten-class labels for a two-class head: fails at the first step
+    bad = mlp_job("bad", num_classes=2)  # ten-class labels for a two-class head: fit refuses them
     plan = jobs.plan([mlp_job("a"), bad, mlp_job("b", hidden=8)], cost=False)
     reports = {r.job: r for r in jobs.run_jobs(plan)}
     assert reports["99/a"].status == reports["99/b"].status == "trained"
     failed = reports["99/bad"]
-    assert failed.status == "failed" and "IndexError" in failed.error and "Traceback" in failed.traceback
+    assert failed.status == "failed" and "ValueError: labels y" in failed.error and "Traceback" in failed.traceback
     assert failed.config["fit"]["cache"] == "test-bad" and failed.config["model"]["kwargs"]["num_classes"] == 2
     assert not (cache / f"{plan[1].key}.pt").exists() and leftovers(cache) == []
 

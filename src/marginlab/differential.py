@@ -504,39 +504,44 @@ def cifar_config() -> CifarConfig:
 
 def load_airplane_horse(n_train: int, n_test: int, root=None) -> dict[str, torch.Tensor]:
     """CIFAR-10 airplane (+1) vs horse (−1), the first n images of each split (000 §5)."""
-    from .data import binary_subset, load
-
-    from . import data
-
-    if config.run_name() == "full":
-        data.require("cifar10")
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        x, y = load("cifar10", split=split, root=root)
-        x, y = binary_subset(x, y, positive="airplane", negative="horse")
-        x, y = torch.as_tensor(x)[:n], torch.as_tensor(y)[:n]
-        out[f"x_{split}"], out[f"y_{split}"] = x, y
+        out[f"x_{split}"], out[f"y_{split}"] = airplane_horse(split, n, root=root)
     return out
 
 
-def train_cifar(kind: str, data: dict[str, torch.Tensor], cfg: CifarConfig, *,
-                device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
-    """LeNet (one score, wrapped as two logits) trained with "ce" (cross-entropy) or "eq7"
-    (squared differential loss, balanced batches); the eq7 model gets the eq. 5 bias afterwards.
-    Returns (model, history); the history's rows hold the test accuracy per epoch ("test_acc",
-    with the eq. 5 bias of that epoch for eq7)."""
-    from . import losses
-    from .models import BinaryLogits, LeNet
-    from .train import accuracy, fit
+def airplane_horse(split: str, n: int, root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` CIFAR-10 airplane (+1) / horse (−1) images of ``split`` (a data factory of the job plan); the
+    full profile first checks that the complete CIFAR-10 is there."""
+    from . import data
+    from .data import binary_subset, load
 
-    if kind not in ("ce", "eq7"):
-        raise ValueError(f"kind must be 'ce' or 'eq7', got {kind!r}")
-    dev = config.device(device)
-    xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    if config.run_name() == "full":
+        data.require("cifar10")
+    x, y = load("cifar10", split=split, root=root)
+    x, y = binary_subset(x, y, positive="airplane", negative="horse")
+    return torch.as_tensor(x)[:n], torch.as_tensor(y)[:n]
+
+
+def cifar_model(seed: int = 0) -> nn.Module:
+    """The chapter's LeNet with one score, wrapped as two logits, initialised from ``torch.manual_seed(seed)``."""
+    from .models import BinaryLogits, LeNet
+
+    torch.manual_seed(seed)
+    return BinaryLogits(LeNet(in_channels=3, num_classes=1))
+
+
+def test_accuracy_callback(kind: str, train: tuple[torch.Tensor, torch.Tensor],
+                           test: tuple[torch.Tensor, torch.Tensor]) -> Callable[[int, nn.Module], dict[str, float]]:
+    """A ``fit`` callback: test accuracy per epoch ("test_acc"; for eq7 with the eq. 5 bias of that epoch, whose
+    training accuracy is "train_acc_eq5"). Computes on the model's own device: capturing a device would put it into
+    fit's cache key (callbacks are hashed), and a model trained on a GPU would not be reused on a CPU."""
+    from . import jobs
+    from .train import accuracy
+
+    (xtr, ytr), (xte, yte) = train, test
     yte01 = (yte > 0).long()
 
-    # The callback computes on the model's own device: capturing ``dev`` here would put the device into
-    # fit's cache key (the callbacks are hashed), and a model trained on a GPU would not be reused on a CPU.
     def test_acc(epoch: int, model: nn.Module) -> dict[str, float]:
         if kind == "ce":
             return {"test_acc": accuracy(model, xte, yte01)}
@@ -546,25 +551,80 @@ def train_cifar(kind: str, data: dict[str, torch.Tensor], cfg: CifarConfig, *,
         return {"test_acc": float(((s_te + b > 0).long() == yte01).float().mean()),
                 "train_acc_eq5": float(((s_tr + b > 0) == pos).float().mean())}
 
-    def run(epochs: int):
-        torch.manual_seed(cfg.seed)
-        model = BinaryLogits(LeNet(in_channels=3, num_classes=1))
-        hist = fit(model, xtr, ytr, loss_fn=None if kind == "ce" else losses.squared_differential_loss,
-                   optimizer=cfg.optimizer, lr=cfg.lr, epochs=epochs, batch_size=cfg.batch_size,
-                   sampler="shuffle" if kind == "ce" else "balanced", seed=cfg.seed, device=dev,
-                   callbacks=(test_acc,), cache=f"ch04-{kind}", until_zero_error=(kind == "ce"), progress=False)
-        return model, hist
+    # the name under which this callback was first hashed (inside train_cifar): keeps the models' cache keys
+    return jobs.keep_cache_name(test_acc, "train_cifar.<locals>.test_acc")
 
-    model, hist = run(cfg.epochs)
+
+def train_cifar_job(kind: str, cfg: CifarConfig | None = None, epochs: int | None = None) -> "jobs.Job":
+    """The training of ``kind`` ("ce" or "eq7") under ``cfg`` (default :func:`cifar_config`): Adam on the first
+    ``cfg.n_train`` training images, CE until zero training error, eq7 on balanced batches, for ``epochs``
+    (default ``cfg.epochs``; eq7's matched re-run stops at its first zero-error epoch)."""
+    from . import jobs, losses
+
+    if kind not in ("ce", "eq7"):
+        raise ValueError(f"kind must be 'ce' or 'eq7', got {kind!r}")
+    cfg = cfg or cifar_config()
+    matched = epochs is not None and epochs != cfg.epochs
+    epochs = cfg.epochs if epochs is None else int(epochs)
+    train, test = jobs.call(airplane_horse, "train", cfg.n_train), jobs.call(airplane_horse, "test", cfg.n_test)
+    fit = dict(loss_fn=None if kind == "ce" else losses.squared_differential_loss, optimizer=cfg.optimizer,
+               lr=cfg.lr, epochs=epochs, batch_size=cfg.batch_size,
+               sampler="shuffle" if kind == "ce" else "balanced", seed=cfg.seed,
+               callbacks=(jobs.call(test_accuracy_callback, kind, train, test),), cache=f"ch04-{kind}",
+               until_zero_error=(kind == "ce"))
+    return jobs.Job("04", f"{kind}-matched-{epochs}ep" if matched else kind,
+                    model=jobs.call(cifar_model, cfg.seed), data=train, fit=fit)
+
+
+def zero_error_epoch(history) -> int | None:
+    """eq7's first epoch (> 0) whose eq. 5 training accuracy is 100%, or None."""
+    return next((int(r["epoch"]) for r in history.rows if r.get("train_acc_eq5") == 1.0 and r["epoch"] > 0), None)
+
+
+def training_jobs() -> list["jobs.Job"]:
+    """Chapter 4's trainings in the active run: CE and eq7; with ``match_zero_error``, once eq7 is in the cache, its
+    re-run up to its first zero-error epoch (``python -m marginlab jobs 4 --run`` plans again after each round)."""
+    from . import jobs
+
+    cfg = cifar_config()
+    out = [train_cifar_job("ce", cfg), train_cifar_job("eq7", cfg)]
+    if cfg.match_zero_error:
+        hist = jobs.cached_history(out[1])
+        first = None if hist is None else zero_error_epoch(hist)
+        if first is not None and first < len(hist.rows) - 1:
+            out.append(train_cifar_job("eq7", cfg, epochs=first))
+    return out
+
+
+def train_cifar(kind: str, data: dict[str, torch.Tensor] | None = None, cfg: CifarConfig | None = None, *,
+                device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
+    """LeNet (one score, wrapped as two logits) trained with "ce" (cross-entropy) or "eq7"
+    (squared differential loss, balanced batches): :func:`train_cifar_job`, the job the plan trains. The eq7
+    model gets the eq. 5 bias afterwards. ``data``, if given, must be ``load_airplane_horse(cfg.n_train,
+    cfg.n_test)`` (checked). Returns (model, history); the history's rows hold the test accuracy per epoch
+    ("test_acc", with the eq. 5 bias of that epoch for eq7)."""
+    from . import jobs
+    from .train import fit
+
+    cfg = cfg or cifar_config()
+    dev = config.device(device)
+
+    def run(epochs: int | None):
+        b = jobs.build(train_cifar_job(kind, cfg, epochs))
+        if data is not None and not (torch.equal(data["x_train"], b.x) and torch.equal(data["y_train"], b.y)):
+            raise ValueError("data must be load_airplane_horse(cfg.n_train, cfg.n_test): the job trains on those")
+        return b.model, fit(b.model, b.x, b.y, device=dev, progress=False, **b.fit), b
+
+    model, hist, b = run(None)
     if kind == "eq7" and cfg.match_zero_error:
         # matched training error: stop at the first epoch whose eq. 5 training accuracy is 100%, as
         # cross-entropy stops at zero training error; the same seed replays the same batches exactly
-        first = next((int(r["epoch"]) for r in hist.rows if r.get("train_acc_eq5") == 1.0 and r["epoch"] > 0), None)
+        first = zero_error_epoch(hist)
         if first is not None and first < len(hist.rows) - 1:
-            model, hist = run(first)
+            model, hist, b = run(first)
         hist.meta["stopped_at_zero_error"] = first
     if kind == "eq7":
-        set_eq5_bias(model, xtr, ytr)
+        set_eq5_bias(model, b.x, b.y)
     return model.eval(), hist
 
 

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import heapq
 import importlib
@@ -62,6 +63,8 @@ CHAPTER_MODULES = {
 #: Environment handed to every worker: where data and cache live, and which profile is active.
 WORKER_ENV = ("MARGINLAB_DATA", "MARGINLAB_CACHE", "MARGINLAB_PROFILE", "MARGINLAB_SMOKE", "MARGINLAB_DEVICE")
 STATUSES = ("trained", "cached", "failed", "duplicate")
+#: Rounds of ``jobs --run``: jobs planned from the outcome of earlier rounds' trainings run in a later round.
+MAX_ROUNDS = 4
 
 #: Assumptions behind the GPU-time estimate (an estimate, not a measurement): an H100 SXM's FP32 peak of
 #: 67 TFLOP/s (non-tensor-core; our models train in float32), of which 30 % is sustained by these small nets, and an
@@ -155,6 +158,8 @@ def _describe(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
+    if _is_named_function(value):
+        return {"function": _target_name(value)}
     if isinstance(value, (list, tuple)):
         return [_describe(v) for v in value]
     if isinstance(value, dict):
@@ -174,7 +179,17 @@ def _short(value: Any) -> str:
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
     if isinstance(value, float):
         return f"{value:g}"
+    if _is_named_function(value):
+        return value.__qualname__
     return repr(value)
+
+
+def _is_named_function(value: Any) -> bool:
+    """A module-level function (pickled by reference, shown by name)."""
+    qualname = getattr(value, "__qualname__", "")
+    return (callable(value) and not isinstance(value, type) and bool(getattr(value, "__module__", None))
+            and bool(qualname) and "<locals>" not in qualname and "<lambda>" not in qualname
+            and hasattr(value, "__code__"))
 
 
 def _contains(value: Any, kinds: tuple[type, ...]) -> bool:
@@ -898,9 +913,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.run and todo:
         print()
         ray_init = {"num_cpus": args.num_cpus} if args.num_cpus else None
-        reports = run_jobs(todo, args.executor, cpus_per_job=args.cpus_per_job, gpus_per_job=args.gpus_per_job,
-                           retries=args.retries, ray_address=args.address, ray_init=ray_init,
-                           on_report=_print_report)
+        run = functools.partial(run_jobs, executor=args.executor, cpus_per_job=args.cpus_per_job,
+                                gpus_per_job=args.gpus_per_job, retries=args.retries, ray_address=args.address,
+                                ray_init=ray_init, on_report=_print_report)
+        reports = run(todo)
+        # a plan may hold jobs that depend on trainings of this run (chapter 4 re-runs eq. 7 up to the epoch of its
+        # first zero training error): plan again until no new job appears
+        seen = {j.key for j in todo}
+        for _ in range(MAX_ROUNDS - 1):
+            if any(r.status == "failed" for r in reports):
+                break
+            more = [j for j in plan(chapter_jobs(args.chapter), cost=not args.no_cost) if j.key not in seen]
+            if not more:
+                break
+            print("\nfollow-up jobs (they depend on the trainings above):\n" + format_plan(more) + "\n")
+            out["jobs"] += [j.describe() for j in more]
+            seen |= {j.key for j in more}
+            reports += run(more)
         counts = collections.Counter(r.status for r in reports)
         print("\n" + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]))
         out["reports"] = [r.as_dict() for r in reports]
