@@ -200,3 +200,13 @@ def test_killed_run_resumes_from_the_cached_models(book, tmp_path):
     result = book / "results" / "quick" / "91_two_models.json"
     assert result.is_file() and str(result) in out.stdout
     assert json.loads(result.read_text())["records"]["accuracy"] > 0.5
+
+
+def test_smoke_from_the_environment_is_kept(book, tmp_path):
+    """MARGINLAB_PROFILE=full MARGINLAB_SMOKE=1 without --smoke stays a smoke run (never a silent full run)."""
+    out = subprocess.run(_cli("run", "93", "--root", str(book)), capture_output=True, text=True, timeout=120,
+                         env=_env(tmp_path, MARGINLAB_PROFILE="full", MARGINLAB_SMOKE="1"), cwd=tmp_path)
+    assert out.returncode == 1 and "results/smoke/93_no_results.json" in out.stderr, out.stderr
+    out = subprocess.run(_cli("run", "93", "--root", str(book)), capture_output=True, text=True, timeout=120,
+                         env=_env(tmp_path, MARGINLAB_PROFILE="quick", MARGINLAB_SMOKE="1"), cwd=tmp_path)
+    assert out.returncode != 0 and "MARGINLAB_PROFILE=full" in out.stderr, out.stderr

@@ -129,13 +129,15 @@ def _make_client(nb: Any, out: TextIO, err: TextIO, **kw: Any) -> Any:
     return StreamingClient(nb, **kw)
 
 
-def run(chapter: str | os.PathLike, *, profile: str | None = None, smoke: bool = False,
+def run(chapter: str | os.PathLike, *, profile: str | None = None, smoke: bool | None = None,
         root: str | os.PathLike | None = None, out: TextIO | None = None, err: TextIO | None = None,
         save_notebook: str | os.PathLike | None = None, startup_timeout: int = 600) -> Path:
     """Execute a chapter headless; return the path of the results file it wrote.
 
     ``profile``: "quick" | "standard" | "full" (default ``$MARGINLAB_PROFILE``, else quick); ``smoke=True``
-    runs the full profile's code paths at toy sizes (implies ``profile="full"``) into ``results/smoke/``.
+    runs the full profile's code paths at toy sizes (implies ``profile="full"``) into ``results/smoke/``;
+    ``smoke=None`` follows ``$MARGINLAB_SMOKE`` (so ``MARGINLAB_PROFILE=full MARGINLAB_SMOKE=1`` never
+    silently becomes a full run).
     ``save_notebook``: also write the executed notebook (with outputs and figures) there.
     Raises :class:`ChapterError` with the failing cell's traceback if a cell raises or no results were written.
     """
@@ -147,6 +149,9 @@ def run(chapter: str | os.PathLike, *, profile: str | None = None, smoke: bool =
     err = sys.stderr if err is None else err
     if profile is not None and profile not in config.PROFILES:
         raise ValueError(f"profile must be one of {config.PROFILES}, got {profile!r}")
+    if smoke is None:
+        with _environ({"MARGINLAB_PROFILE": profile or os.environ.get("MARGINLAB_PROFILE") or "quick"}):
+            smoke = config.smoke()
     if smoke and profile not in (None, "full"):
         raise ValueError(f"smoke runs the full profile's code paths; it cannot be combined with profile={profile!r}")
     path = resolve_chapter(chapter, root)
@@ -218,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("chapter", help="number (4, 04) or file stem (04_differential_training)")
     p.add_argument("--profile", choices=config.PROFILES, default=None,
                    help="default: $MARGINLAB_PROFILE, else quick")
-    p.add_argument("--smoke", action="store_true",
+    p.add_argument("--smoke", action="store_true", default=None,
                    help="the full profile's code paths at toy sizes, into results/smoke/")
     p.add_argument("--root", default=None, help="the book's root (default: found from the working directory)")
     p.add_argument("--save-notebook", default=None, metavar="PATH",
