@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -308,23 +308,16 @@ class MarginCurves:
         return out
 
 
-def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  *, epochs: int, track: Iterable[int], r: float = 5.0, n_samples: int = 256, upper: bool = True,
-                  upper_methods: Sequence[str] = ("deepfool",), cache: str | None = None, seed: int = 0,
-                  device: str | torch.device | None = None, upper_options: dict | None = None,
-                  **fit_kw) -> MarginCurves:
-    """Train ``model`` with ``marginlab.train.fit`` (003 App. A: SGD lr 0.01, momentum 0.9, Nesterov, batch 128)
-    and estimate the margins of ``points`` (e.g. 500 random train and test images) after the epochs in
-    ``track`` (003 Fig 2, 6: epochs 1, 10, ..., 200). The margins ride in the training history, so a
-    cache hit of ``fit`` restores them without recomputation."""
-    from . import train
+def margins_callback(points: dict[str, tuple[torch.Tensor, torch.Tensor]], track: Iterable[int], *, r: float = 5.0,
+                     n_samples: int = 256, upper: bool = True, upper_methods: Sequence[str] = ("deepfool",),
+                     seed: int = 0, device: str | torch.device | None = None,
+                     upper_options: dict | None = None) -> Callable[[int, nn.Module], dict]:
+    """A ``fit`` callback: :func:`estimate_margins` of each named point set after the epochs in ``track`` (rows
+    ``m_<set>_<estimator>``), so the margins ride in the training history. ``device`` None: the model's device
+    (a device captured here would enter fit's cache key)."""
+    from . import jobs
 
-    track = sorted({int(e) for e in track})
-    if not track or track[0] < 0 or track[-1] > epochs:
-        raise ValueError(f"track must hold epochs in 0..{epochs}, got {track}")
-    if not points:
-        raise ValueError("points must name at least one (x, y) set")
-    wanted = set(track)
+    wanted = {int(e) for e in track}
 
     def margins_cb(epoch: int, m: nn.Module) -> dict:
         if epoch not in wanted:
@@ -336,11 +329,43 @@ def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: di
             res.update({f"m_{which}_{k}": v for k, v in est.items()})
         return res
 
-    kw = dict(optimizer="nesterov", lr=0.01, momentum=0.9, batch_size=128)
+    # the name under which this callback was first hashed (inside margin_curves): keeps the models' cache keys
+    return jobs.keep_cache_name(margins_cb, "margin_curves.<locals>.margins_cb")
+
+
+def _check_track(track: Iterable[int], epochs: int) -> list[int]:
+    track = sorted({int(e) for e in track})
+    if not track or track[0] < 0 or track[-1] > epochs:
+        raise ValueError(f"track must hold epochs in 0..{epochs}, got {track}")
+    return track
+
+
+def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  *, epochs: int, track: Iterable[int], r: float = 5.0, n_samples: int = 256, upper: bool = True,
+                  upper_methods: Sequence[str] = ("deepfool",), cache: str | None = None, seed: int = 0,
+                  device: str | torch.device | None = None, upper_options: dict | None = None,
+                  **fit_kw) -> MarginCurves:
+    """Train ``model`` with ``marginlab.train.fit`` (003 App. A: SGD lr 0.01, momentum 0.9, Nesterov, batch 128)
+    and estimate the margins of ``points`` (e.g. 500 random train and test images) after the epochs in
+    ``track`` (003 Fig 2, 6: epochs 1, 10, ..., 200). The margins ride in the training history, so a
+    cache hit of ``fit`` restores them without recomputation."""
+    from . import train
+
+    track = _check_track(track, epochs)
+    if not points:
+        raise ValueError("points must name at least one (x, y) set")
+    margins_cb = margins_callback(points, track, r=r, n_samples=n_samples, upper=upper, upper_methods=upper_methods,
+                                  seed=seed, device=device, upper_options=upper_options)
+    kw = dict(FIT_003)
     kw.update(fit_kw)
     with config.cpu_threads(1, config.device(device)):
         hist = train.fit(model, x, y, epochs=epochs, callbacks=(margins_cb,), cache=cache, seed=seed, device=device,
                          progress=False, **kw)
+    return _curves(hist, points, track)
+
+
+def _curves(hist, points: Iterable[str], track: Iterable[int]) -> MarginCurves:
+    wanted = set(track)
     rows = [row for row in hist.rows if row["epoch"] in wanted]
     out: dict[str, dict[str, list[np.ndarray]]] = {}
     for which in points:
@@ -350,6 +375,122 @@ def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: di
     return MarginCurves(epochs=[int(r_["epoch"]) for r_ in rows], margins=out,
                         train_acc=[float(r_.get("train_acc", math.nan)) for r_ in rows],
                         seconds=float(hist.meta.get("seconds", 0.0)), cached=bool(hist.meta.get("cached", False)))
+
+
+#: 003 App. A's optimiser for every model: SGD, lr 0.01, Nesterov momentum 0.9, batch 128.
+FIT_003 = dict(optimizer="nesterov", lr=0.01, momentum=0.9, batch_size=128)
+
+
+# --------------------------------------------------------------------------------------------
+# The chapter's trainings as a job plan (python -m marginlab jobs 6); the notebook trains through the same jobs
+# --------------------------------------------------------------------------------------------
+
+
+def chapter_settings() -> dict:
+    """Training sizes of the active run (:func:`marginlab.config.pick`): training images (``n_train`` None: all),
+    epochs, tracked epochs and margin points/samples of the curves, which models the curves and Table 1 train.
+    The quick profile trains far less than 003 (stated in the chapter); standard cuts the CNNs and CIFAR-10
+    nonlinear models (CPU time) and estimates margins on 100 points x 256 samples (003: 500 x 51,200)."""
+    full_curves = [(d, k) for d in ("mnist", "cifar10") for k in ("lr", "mlp", "cnn")]
+    full_table = [(d, k) for d in ("mnist", "cifar10") for k in ("mlp", "cnn")]
+    return config.pick(
+        quick=dict(n_train=3678, epochs=50, lr_full_epochs=50, track=(1, 3, 10, 30, 50), n_points=50, n_samples=32,
+                   upper=("deepfool",), upper_options={}, curve_models=[("mnist", "lr"), ("mnist", "mlp")],
+                   table_models=[("mnist", "mlp")], table_epochs=15),
+        full=dict(n_train=None, epochs=200, lr_full_epochs=1000, track=PAPER_EPOCHS, n_points=500,
+                  n_samples=1024 * 50, upper=("deepfool", "cw"), upper_options={}, curve_models=full_curves,
+                  table_models=full_table, table_epochs=200),
+        standard=dict(n_train=None, epochs=200, lr_full_epochs=1000, track=PAPER_EPOCHS, n_points=100, n_samples=256,
+                      upper=("deepfool",), upper_options={},
+                      curve_models=[("mnist", "lr"), ("mnist", "mlp"), ("cifar10", "lr")],
+                      table_models=[("mnist", "mlp")], table_epochs=200),
+        smoke=dict(n_train=256, epochs=1, lr_full_epochs=1, track=(1,), n_points=8, n_samples=8,
+                   upper=("deepfool", "cw"), upper_options={"cw": dict(steps=3, binary_search_steps=1),
+                                                            "deepfool": dict(steps=3)},
+                   curve_models=full_curves, table_models=full_table, table_epochs=1),
+    )
+
+
+def train_set(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images of the active run: all of ``dataset``, or ``n_train`` of them (``data.subsample``,
+    seed 0). The full profile first checks that the complete data set is there."""
+    from . import data
+
+    if config.run_name() == "full":
+        data.require(dataset)
+    x, y = data.load(dataset)
+    n = chapter_settings()["n_train"]
+    if n:
+        x, y = data.subsample(x, y, n, seed=0)
+    return x, y
+
+
+def margin_points(dataset: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed random training and test images (``n_points`` each, seed 0) whose margins the curves track."""
+    from . import data
+
+    x, y = train_set(dataset)
+    xt, yt = data.load(dataset, "test")
+    n = chapter_settings()["n_points"]
+    g = torch.Generator().manual_seed(0)
+    i_tr, i_te = torch.randperm(len(x), generator=g)[:n], torch.randperm(len(xt), generator=g)[:n]
+    return {"train": (x[i_tr], y[i_tr]), "test": (xt[i_te], yt[i_te])}
+
+
+def curve_epochs(kind: str) -> tuple[int, list[int]]:
+    """Epochs of a curve model (logistic regression: ``lr_full_epochs``) and the epochs it tracks."""
+    st = chapter_settings()
+    ep = st["lr_full_epochs"] if kind == "lr" else st["epochs"]
+    return ep, [e for e in st["track"] if e <= ep] + ([ep] if ep not in st["track"] else [])
+
+
+def curve_job(dataset: str, kind: str) -> "jobs.Job":
+    """The training of ``kind`` on ``dataset`` whose margins the curves (003 Fig 2, 5-7) follow: 003's optimiser,
+    :func:`margins_callback` (r = 5) on :func:`margin_points` at the tracked epochs."""
+    from . import jobs
+
+    st = chapter_settings()
+    ep, track = curve_epochs(kind)
+    cb = jobs.call(margins_callback, jobs.call(margin_points, dataset), _check_track(track, ep), r=5.0,
+                   n_samples=st["n_samples"], upper=True, upper_methods=st["upper"], seed=0, device=None,
+                   upper_options=st["upper_options"])
+    return jobs.Job("06", f"curves-{dataset}-{kind}", model=jobs.call(make_model, kind, dataset, seed=0),
+                    data=jobs.call(train_set, dataset),
+                    fit=dict(epochs=ep, callbacks=(cb,), cache=f"ch06-curves-{dataset}-{kind}", seed=0, **FIT_003))
+
+
+def chapter_curves(dataset: str, kind: str, device: str | torch.device | None = None) -> MarginCurves:
+    """Train (or load from the cache) :func:`curve_job` and return its :class:`MarginCurves` — the notebook's call,
+    the same job ``python -m marginlab jobs 6 --run`` trains."""
+    from . import jobs, train
+
+    b = jobs.build(curve_job(dataset, kind))
+    with config.cpu_threads(1, config.device(device)):
+        hist = train.fit(b.model, b.x, b.y, device=device, progress=False, **b.fit)
+    return _curves(hist, ("train", "test"), curve_epochs(kind)[1])
+
+
+def table_job(dataset: str, kind: str, method: str, tau: float | None = None) -> "jobs.Job":
+    """003 Table 1: ``kind`` on ``dataset`` trained with ``method`` ("Std", "LCR" or "AMR", see
+    :func:`training_methods`) from the same initialisation, 003's optimiser, ``table_epochs`` epochs."""
+    from . import jobs, losses
+
+    tau = PAPER_TAU[(dataset, kind)] if tau is None else tau
+    specs = {"Std": None, "LCR": jobs.call(losses.parseval_loss, beta=1e-2),
+             "AMR": jobs.call(losses.amr_loss, lam=0.1, tau=tau, beta=1e-3)}
+    if method not in specs:
+        raise ValueError(f"method must be one of {tuple(specs)}, got {method!r}")
+    return jobs.Job("06", f"t1-{dataset}-{kind}-{method}", model=jobs.call(make_model, kind, dataset, seed=0),
+                    data=jobs.call(train_set, dataset),
+                    fit=dict(loss_fn=specs[method], epochs=chapter_settings()["table_epochs"], seed=0,
+                             cache=f"ch06-t1-{dataset}-{kind}-{method}", **FIT_003))
+
+
+def training_jobs() -> list["jobs.Job"]:
+    """Chapter 6's trainings in the active run: the margin-curve models, then Table 1's Std / LCR / AMR models."""
+    st = chapter_settings()
+    return ([curve_job(d, k) for d, k in st["curve_models"]]
+            + [table_job(d, k, m) for d, k in st["table_models"] for m in ("Std", "LCR", "AMR")])
 
 
 def trend(values: Sequence[float], start: int = 0) -> float:
