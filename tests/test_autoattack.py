@@ -213,6 +213,22 @@ def test_binary_model_runs():
     assert report.robust_accuracy < 1.0
 
 
+@pytest.mark.parametrize("env,shown", [("1", True), ("0", False)])
+def test_progress_bar_through_train_progress_bar(monkeypatch, capsys, env, shown):
+    """A bar over AutoAttack's members on stderr under ``python -m marginlab run`` ($MARGINLAB_PROGRESS=1)."""
+    monkeypatch.setenv("MARGINLAB_PROGRESS", env)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(10, 1, 3, 4)
+    y = model(x).argmax(1)
+    with_bar = attacks.AutoAttack(0.3, version="quick", n_iter=3, n_queries=10).run(model, x, y)
+    err = capsys.readouterr().err
+    assert ("AutoAttack linf eps=0.3" in err) == shown
+    quiet = attacks.AutoAttack(0.3, version="quick", n_iter=3, n_queries=10, progress=False).run(model, x, y)
+    assert "AutoAttack" not in capsys.readouterr().err
+    assert torch.equal(with_bar.robust, quiet.robust)  # the bar changes nothing
+
+
 # ---------------------------------------------------------------------------------------------
 # cross-checks against torchattacks (same model, same images, same budgets)
 # ---------------------------------------------------------------------------------------------

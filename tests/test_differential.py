@@ -249,7 +249,8 @@ def test_cifar_evaluation_moves_cpu_data_to_the_models_device():
 
     data = _tiny_cifar()
     cfg = D.CifarConfig(pgd_steps=2, strong_steps=2, strong_restarts=1, unbounded_steps=2, cw_steps=2, cw_search=1,
-                        deepfool_steps=2, epsilons=(0.0, 4 / 255, 8 / 255), eval_batch_size=5)
+                        deepfool_steps=2, epsilons=(0.0, 4 / 255, 8 / 255), eval_batch_size=5, aa_n_iter=2,
+                        aa_n_queries=10)
     torch.manual_seed(0)
     with device_strict.strict_device() as dev:
         model = BinaryLogits(LeNet(in_channels=3, num_classes=1)).to(dev).eval()
@@ -267,10 +268,12 @@ def test_robustness_masks_nested_and_worst_case():
     from marginlab.models import BinaryLogits, LeNet
 
     data = _tiny_cifar()
-    cfg = D.CifarConfig(pgd_steps=3, strong_steps=3, strong_restarts=1, epsilons=(0.0, 2 / 255, 8 / 255, 32 / 255))
+    cfg = D.CifarConfig(pgd_steps=3, strong_steps=3, strong_restarts=1, epsilons=(0.0, 2 / 255, 8 / 255, 32 / 255),
+                        aa_n_iter=3, aa_n_queries=20)
     torch.manual_seed(0)
     model = BinaryLogits(LeNet(in_channels=3, num_classes=1)).eval()
     specs = D.attack_specs(cfg)
+    assert specs[-1].name == "AutoAttack"  # the evaluation of record is always in the worst case (DESIGN §6)
     masks = D.robustness_masks(model, data["x_test"], data["y_test"], specs, cfg.epsilons, batch_size=3)
     for name in [s.name for s in specs] + ["worst case"]:
         m = masks[name]
@@ -292,6 +295,25 @@ def test_cifar_config_profiles(monkeypatch):
                     "unbounded_steps", "cw_steps", "cw_search", "deepfool_steps", "epsilons", "cw_epsilons")
             assert all(getattr(cfg, k) == getattr(full, k) for k in same)
             assert cfg.n_attack_test >= 207 and cfg.match_zero_error
+            assert cfg.autoattack_version == "standard" and cfg.aa_n_iter is None and cfg.aa_n_queries is None
         else:
             assert cfg.n_train <= 256 and cfg.n_test <= 128 and cfg.epochs == 1 and cfg.pgd_steps <= 3
             assert cfg.strong_restarts == 1 and len(cfg.epsilons) <= 2
+            assert cfg.aa_n_iter <= 3 and cfg.aa_n_queries <= 20  # AutoAttack's code paths at toy budgets
+
+
+def test_autoattack_spec_runs_with_its_budget_and_stays_in_the_ball():
+    from marginlab import attacks
+    from marginlab.models import BinaryLogits, LeNet
+
+    data = _tiny_cifar()
+    cfg = D.CifarConfig(autoattack_version="quick", aa_n_iter=2, aa_n_queries=5)
+    spec = D.attack_specs(cfg)[-1]
+    assert spec.fn == "autoattack" and spec.params["version"] == "quick"
+    torch.manual_seed(0)
+    model = BinaryLogits(LeNet(in_channels=3, num_classes=1)).eval()
+    y01 = (data["y_test"] > 0).long()
+    xa = spec.run(model, data["x_test"], y01, 8 / 255)
+    attacks.assert_in_ball(data["x_test"], xa, 8 / 255, "linf")
+    row = next(r for r in D.attack_table(cfg) if r["attack"] == "AutoAttack")
+    assert "REDUCED" in row["other"] and row["steps"].startswith("2 ")

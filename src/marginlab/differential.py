@@ -480,6 +480,12 @@ class CifarConfig:
     cw_epsilons: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
     match_zero_error: bool = True
     eval_batch_size: int = 1_000      # examples per attack call (memory, not results)
+    # AutoAttack (Croce & Hein 2020), the evaluation of record (DESIGN §6): "standard" = the reference budgets
+    # (100 iterations, 9 targets -- 1 for two classes --, 5,000 Square queries); "quick" = reduced; the
+    # aa_* overrides set toy budgets (smoke)
+    autoattack_version: str = "standard"
+    aa_n_iter: int | None = None
+    aa_n_queries: int | None = None
 
 
 def cifar_config() -> CifarConfig:
@@ -492,13 +498,14 @@ def cifar_config() -> CifarConfig:
     return config.pick(
         quick=CifarConfig(n_train=1_033, n_test=207, epochs=40, batch_size=64, n_attack_train=128,
                           n_attack_test=128, n_cw=64, pgd_steps=10, strong_steps=30, strong_restarts=2,
-                          unbounded_steps=100, cw_steps=50, cw_search=4, deepfool_steps=30, match_zero_error=False),
+                          unbounded_steps=100, cw_steps=50, cw_search=4, deepfool_steps=30, match_zero_error=False,
+                          autoattack_version="quick"),
         full=CifarConfig(),
         standard=CifarConfig(n_train=10_000, n_test=2_000, n_attack_train=100, n_attack_test=2_000, n_cw=2_000),
         smoke=CifarConfig(n_train=256, n_test=128, epochs=1, n_attack_train=32, n_attack_test=64, n_cw=32,
                           epsilons=(0.0, 8 / 255), pgd_steps=2, strong_steps=3, strong_restarts=1,
                           unbounded_steps=3, cw_steps=3, cw_search=1, deepfool_steps=3,
-                          cw_epsilons=(0.0, 0.5), eval_batch_size=64),
+                          cw_epsilons=(0.0, 0.5), eval_batch_size=64, aa_n_iter=3, aa_n_queries=20),
     )
 
 
@@ -633,7 +640,7 @@ class AttackSpec:
     """One attack and all its hyperparameters (reported in the chapter's table)."""
 
     name: str
-    fn: str                      # "pgd" | "fgsm"
+    fn: str                      # "pgd" | "fgsm" | "autoattack"
     params: dict[str, Any] = field(default_factory=dict)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -645,12 +652,15 @@ class AttackSpec:
             return attacks.pgd(model, x, y, eps, **self.params)
         if self.fn == "fgsm":
             return attacks.fgsm(model, x, y, eps, **self.params)
+        if self.fn == "autoattack":  # per-example worst case over APGD-CE, APGD-T, FAB-T, Square
+            return attacks.AutoAttack(eps, **self.params)(model, x, y)
         raise ValueError(f"unknown attack function {self.fn!r}")
 
 
 def attack_specs(cfg: CifarConfig) -> list[AttackSpec]:
     """DESIGN §6: CE- and margin-loss PGD, a stronger PGD (more steps and restarts), FGSM (single-step
-    reference). step_size = 2.5·eps/steps (Madry et al. 2018)."""
+    reference), step_size = 2.5·eps/steps (Madry et al. 2018); and AutoAttack (Croce & Hein 2020), the
+    evaluation of record, at ``cfg.autoattack_version`` (its budgets overridden by ``cfg.aa_*`` if set)."""
     return [
         AttackSpec("PGD-CE", "pgd", dict(steps=cfg.pgd_steps, norm="linf", loss="ce", random_start=True,
                                           restarts=cfg.pgd_restarts, seed=0)),
@@ -659,6 +669,8 @@ def attack_specs(cfg: CifarConfig) -> list[AttackSpec]:
         AttackSpec("PGD-margin-strong", "pgd", dict(steps=cfg.strong_steps, norm="linf", loss="margin",
                                                      random_start=True, restarts=cfg.strong_restarts, seed=2)),
         AttackSpec("FGSM", "fgsm", dict(norm="linf", loss="ce")),
+        AttackSpec("AutoAttack", "autoattack", dict(norm="linf", version=cfg.autoattack_version, seed=4,
+                                                   n_iter=cfg.aa_n_iter, n_queries=cfg.aa_n_queries)),
     ]
 
 
@@ -763,6 +775,19 @@ def attack_table(cfg: CifarConfig) -> list[dict[str, Any]]:
     rows = []
     for s in attack_specs(cfg):
         p = dict(s.params)
+        if s.fn == "autoattack":  # the members' budgets as the built object has them
+            from . import attacks
+
+            aa = attacks.AutoAttack(8 / 255, **p)
+            rows.append({"attack": s.name, "norm": aa.norm, "loss": "CE, targeted DLR, FAB, Square (margin)",
+                         "steps": f"{aa.n_iter} (APGD-CE, APGD-T, FAB-T); Square {aa.n_queries} queries",
+                         "step size": "APGD: adaptive from 2·eps", "restarts": 1, "random start": "APGD: on the eps-sphere",
+                         "other": f"version={aa.version}"
+                                  + (" (REDUCED budget)" if aa.version == "quick" else "")
+                                  + f", target classes 1 (two classes; the version's {aa.n_target_classes}), "
+                                  f"Square p_init=0.8, seed={p['seed']}",
+                         "eps": "Linf grid", "images": f"{cfg.n_attack_train} train / {cfg.n_attack_test} test"})
+            continue
         rows.append({"attack": s.name, "norm": p.pop("norm", "linf"), "loss": p.pop("loss", "ce"),
                      "steps": p.pop("steps", 1), "step size": "2.5·eps/steps" if s.fn == "pgd" else "eps",
                      "restarts": p.pop("restarts", 1), "random start": p.pop("random_start", False),
@@ -808,7 +833,7 @@ def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device 
             curves["clean"] = [float(masks["clean"].float().mean())] * len(cfg.epsilons)
             clean = curves["clean"][0]
             unb = unbounded_check(model, x, y, cfg.unbounded_steps, cfg.eval_batch_size)
-            for s in specs[:3]:
+            for s in (s for s in specs if s.name != "FGSM"):
                 # more steps and restarts must not raise accuracy: the strong attack against the same-loss PGD
                 attacks.assert_sanity(cfg.epsilons, curves[s.name], clean=clean, label=f"{kind}/{split}/{s.name}",
                                       single_step=curves["FGSM"] if s.name != "FGSM" else None,

@@ -86,9 +86,16 @@ def worst_case(
     attacks: Mapping[str, FixedEpsilonAttack] | Sequence[tuple[str, FixedEpsilonAttack]],
     *,
     batch_size: int | None = None,
+    progress: bool | None = None,
+    desc: str = "worst case",
 ) -> EnsembleReport:
     """Per-example worst case over ``attacks`` (name -> fixed-eps attack), run in order on the examples
-    still robust; every adversarial point is checked to lie in its attack's ball and [0, 1]."""
+    still robust; every adversarial point is checked to lie in its attack's ball and [0, 1].
+
+    ``progress``: a bar over the attacks (current attack and robust accuracy so far) through
+    :func:`marginlab.train.progress_bar`; default ``$MARGINLAB_PROGRESS`` (set by ``python -m marginlab run``),
+    else on in a terminal.
+    """
     items = list(attacks.items()) if isinstance(attacks, Mapping) else list(attacks)
     if not items:
         raise ValueError("attacks is empty")
@@ -112,7 +119,15 @@ def worst_case(
     x_adv = x0.clone()
     accuracy = {"clean": float(robust.double().mean())}
     seconds, described = {}, {}
-    for name, attack in items:
+    from ..train import (  # lazy: importing the attacks does not load the trainer
+        _progress_enabled,
+        progress_bar,
+    )
+
+    bar = progress_bar(items, desc=desc, leave=False) if _progress_enabled(progress) else None
+    for name, attack in bar if bar is not None else items:
+        if bar is not None:
+            bar.set_postfix_str(f"{name} on {int(robust.sum())} robust")
         described[name] = repr(attack)
         idx = robust.nonzero().squeeze(1)
         start = time.perf_counter()
@@ -127,6 +142,8 @@ def worst_case(
                 broken_by[i] = name
         seconds[name] = time.perf_counter() - start
         accuracy[name] = float(robust.double().mean())
+    if bar is not None:
+        bar.close()
     return EnsembleReport(x_adv, robust, broken_by, accuracy, seconds, described)
 
 
@@ -143,12 +160,13 @@ class AutoAttack:
     def __init__(self, eps: float, norm: str = "linf", *, version: str = "standard", seed: int = 0,
                  batch_size: int | None = None, device: str | torch.device | None = None,
                  n_iter: int | None = None, n_target_classes: int | None = None,
-                 n_queries: int | None = None) -> None:
+                 n_queries: int | None = None, progress: bool | None = None) -> None:
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.eps = _check_eps(eps)
         self.norm = _norm_name(norm)
         self.version = version
+        self.progress = progress
         quick = version == "quick"
         self.n_iter = _check_int(n_iter if n_iter is not None else (25 if quick else 100), "n_iter", 1)
         self.n_target_classes = _check_int(
@@ -167,7 +185,8 @@ class AutoAttack:
 
     def run(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> EnsembleReport:
         """The full record: x_adv, robust, broken_by, accuracy after each attack, seconds."""
-        return worst_case(model, x, y, self.attacks)
+        return worst_case(model, x, y, self.attacks, progress=self.progress,
+                          desc=f"AutoAttack {self.norm} eps={self.eps:.4g}")
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(model, x, y).x_adv
