@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -510,6 +510,112 @@ def train_method(method: str, cfg: Ch5Config, x: torch.Tensor, y: torch.Tensor, 
     return model, hist
 
 
+# --------------------------------------------------------------------------------------------
+# The chapter's trainings as a job plan (python -m marginlab jobs 5). The specs rebuild the run's configuration
+# from (dataset, model) with default_config, as the notebook does, so a worker needs no pickled Ch5Config.
+# --------------------------------------------------------------------------------------------
+
+
+def train_data(dataset: str = "mnist", model: str = "cwnet") -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels of ``default_config(dataset, model)`` (:func:`load_data`): a data factory."""
+    xtr, ytr, _, _ = load_data(default_config(dataset, model))
+    return xtr, ytr
+
+
+def method_model(method: str, dataset: str = "mnist", model: str = "cwnet", *,
+                 feature_activation: str | None = None) -> nn.Module:
+    """:func:`make_model` under ``default_config(dataset, model)`` (seeded by the configuration's seed)."""
+    return make_model(method, default_config(dataset, model), feature_activation=feature_activation)
+
+
+def method_loss(method: str, dataset: str = "mnist", model: str = "cwnet", *, alpha: float | None = None,
+                s: float | None = None):
+    """:func:`loss_for` under ``default_config(dataset, model)``."""
+    return loss_for(method, default_config(dataset, model), alpha=alpha, s=s)
+
+
+def method_job(method: str, dataset: str = "mnist", model: str = "cwnet", *, tag: str = "ch05",
+               feature_activation: str | None = None, alpha: float | None = None, s: float | None = None,
+               name: str | None = None) -> "jobs.Job":
+    """The training :func:`train_method` runs for ``method`` under ``default_config(dataset, model)`` (same model,
+    data, loss, optimiser and cache tag ``f"{tag}-{method}"``)."""
+    from . import jobs
+
+    cfg = default_config(dataset, model)
+    epochs = cfg.at_epochs if method == "AT" and cfg.at_epochs is not None else cfg.epochs
+    extra = {} if cfg.augment is None else {"augment": cfg.augment}
+    fit = dict(loss_fn=jobs.call(method_loss, method, dataset, model, alpha=alpha, s=s), optimizer="adam", lr=cfg.lr,
+               epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule, callbacks=(),
+               cache=f"{tag}-{method}", **extra)
+    return jobs.Job("05", name or f"{tag.removeprefix('ch05-')}-{dataset}-{method}".removeprefix("ch05-"),
+                    model=jobs.call(method_model, method, dataset, model, feature_activation=feature_activation),
+                    data=jobs.call(train_data, dataset, model), fit=fit)
+
+
+def table_runs() -> list[tuple[str, str, tuple[str, ...], str]]:
+    """The tables the chapter trains in the active run, as (dataset, model, methods, tag): Table 4 (MNIST) always;
+    Table 5 (CIFAR-10) outside the quick profile; the WRN-34-10 Tables 2 and 3 (penalty method) in the full
+    profile and its smoke run."""
+    runs = [("mnist", "cwnet", METHODS, "ch05")]
+    if config.run_name() != "quick":
+        runs.append(("cifar10", "cwnet", METHODS, "ch05"))
+    if config.profile() == "full":
+        runs += [("cifar10", "wrn", ("Ours",), "ch05-wrn"), ("cifar100", "wrn", ("Ours",), "ch05-wrn")]
+    return runs
+
+
+def ablation_settings() -> dict[str, tuple]:
+    """The ablation grid of the active run (002 Figs. 5-6): α, s and the feature activations; the quick and
+    standard profiles cut it to α ∈ {0, 100}, s = 0.1, ReLU vs tanh."""
+    return {
+        "alphas": config.pick(quick=(0.0, 100.0), full=(0.0, 1.0, 10.0, 100.0, 1000.0), standard=(0.0, 100.0),
+                              smoke=(0.0, 100.0)),
+        "ss": config.pick(quick=(0.1,), full=(0.01, 0.1, 1.0, 10.0), standard=(0.1,), smoke=(0.1, 1.0)),
+        "activations": config.pick(quick=("relu", "tanh"), full=("relu", "prelu", "leaky_relu", "tanh"),
+                                   standard=("relu", "tanh"), smoke=("prelu", "tanh")),
+    }
+
+
+def ablation_grid(cfg: Ch5Config, alphas, ss, activations) -> list[tuple[str, tuple, Any]]:
+    """The ablation's points in the order :func:`run_ablation` evaluates them: ``(group, point, how)`` with group
+    "alpha_s" (point (α, s), tanh features) or "activation" (point (activation, s), α = ``cfg.alpha``). ``how`` is
+    the keyword arguments of the penalty model's training, or, for a tanh point that is the α-s grid's model at
+    (``cfg.alpha``, s), the reference ``("alpha_s", (cfg.alpha, s))``."""
+    out: list[tuple[str, tuple, Any]] = [("alpha_s", (a, s), {"alpha": a, "s": s}) for a in alphas for s in ss]
+    grid = {(a, s) for a in alphas for s in ss}
+    for act in activations:
+        for s in ss:
+            if act == "tanh" and (cfg.alpha, s) in grid:  # same model as the α-s grid point
+                out.append(("activation", (act, s), ("alpha_s", (cfg.alpha, s))))
+            else:
+                out.append(("activation", (act, s), {"feature_activation": act, "s": s}))
+    return out
+
+
+def is_base_point(cfg: Ch5Config, kw: dict[str, Any]) -> bool:
+    """Whether an ablation point is the table's penalty model (α = ``cfg.alpha``, s = ``cfg.s``, tanh)."""
+    return (kw.get("alpha", cfg.alpha) == cfg.alpha and kw.get("s", cfg.s) == cfg.s
+            and kw.get("feature_activation", "tanh") == "tanh")
+
+
+def ablation_tag(kw: dict[str, Any], tag: str = "ch05-ablation") -> str:
+    """The cache tag prefix of an ablation point, e.g. ``ch05-ablation-alpha0.0-s0.1``."""
+    return tag + "-" + "-".join(f"{k}{v}" for k, v in kw.items())
+
+
+def training_jobs() -> list["jobs.Job"]:
+    """Chapter 5's trainings in the active run: every table's methods (:func:`table_runs`), then the MNIST
+    ablation grid (:func:`ablation_grid`) without the points whose model the table already trained."""
+    out = [method_job(m, d, mod, tag=tag, name=f"{'wrn-' if mod == 'wrn' else ''}{d}-{m}")
+           for d, mod, methods, tag in table_runs() for m in methods]
+    cfg = default_config("mnist")
+    for _, _, kw in ablation_grid(cfg, **ablation_settings()):
+        if isinstance(kw, dict) and not is_base_point(cfg, kw):
+            tag = ablation_tag(kw)
+            out.append(method_job("Ours", "mnist", tag=tag, name=tag.removeprefix("ch05-"), **kw))
+    return out
+
+
 # ============================================================================================
 # Evaluation
 # ============================================================================================
@@ -947,23 +1053,14 @@ def run_ablation(cfg: Ch5Config, data, *, alphas=(0.0, 1.0, 100.0), ss=(0.1, 1.0
     res: dict[str, dict] = {"alpha_s": {}, "activation": {}}
 
     def one(**kw):
-        if base_model is not None and kw.get("alpha", cfg.alpha) == cfg.alpha and kw.get("s", cfg.s) == cfg.s \
-                and kw.get("feature_activation", "tanh") == "tanh":
+        if base_model is not None and is_base_point(cfg, kw):
             model = base_model
         else:
-            model, _ = train_method("Ours", cfg, xtr, ytr, tag=tag + "-" + "-".join(f"{k}{v}" for k, v in kw.items()),
-                                    **kw)
+            model, _ = train_method("Ours", cfg, xtr, ytr, tag=ablation_tag(kw, tag), **kw)
         ok = _correct(model, xte, yte, cfg.eval_batch_size)
         _, rob = run_attack(model, xte, yte, attack, seed=cfg.seed, batch_size=cfg.eval_batch_size)
         return float(ok.float().mean()), float((rob & ok).float().mean())
 
-    for a in alphas:
-        for s in ss:
-            res["alpha_s"][(a, s)] = one(alpha=a, s=s)
-    for act in activations:
-        for s in ss:
-            if act == "tanh" and (cfg.alpha, s) in res["alpha_s"]:  # same model as the α-s grid point
-                res["activation"][(act, s)] = res["alpha_s"][(cfg.alpha, s)]
-            else:
-                res["activation"][(act, s)] = one(feature_activation=act, s=s)
+    for group, point, how in ablation_grid(cfg, alphas, ss, activations):  # the job plan's grid, in its order
+        res[group][point] = res[how[0]][how[1]] if isinstance(how, tuple) else one(**how)
     return res
