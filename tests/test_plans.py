@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from marginlab import avgmargin, differential, jobs, lowrank, train
+from marginlab import angular, avgmargin, differential, jobs, lowrank, train
 from marginlab.models import MLP
 
 ROOT = Path(__file__).resolve().parents[1]
-PLANNED = ("03", "04", "06")
+PLANNED = ("03", "04", "05", "06")
 
 
 @pytest.fixture
@@ -154,6 +154,38 @@ def test_chapter_6_curve_job_keys_what_margin_curves_fits(quick):
     key = train.cache_key(model, x, y, epochs=ep, callbacks=(cb,), cache="ch06-curves-mnist-lr", seed=0,
                           **avgmargin.FIT_003)
     assert jobs.job_key(avgmargin.curve_job("mnist", "lr")) == key
+
+
+def test_chapter_5_method_jobs_key_what_train_method_fits(quick):
+    cfg = angular.default_config("mnist")
+    x, y, _, _ = angular.load_data(cfg)
+    for method in angular.METHODS:
+        model = angular.make_model(method, cfg)
+        epochs = cfg.at_epochs if method == "AT" and cfg.at_epochs is not None else cfg.epochs
+        key = train.cache_key(model, x, y, loss_fn=angular.loss_for(method, cfg), optimizer="adam", lr=cfg.lr,
+                              epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
+                              cache=f"ch05-{method}")
+        assert jobs.job_key(angular.method_job(method, "mnist")) == key, method
+
+
+def test_chapter_5_ablation_grid_is_the_one_run_ablation_walks(quick):
+    cfg = angular.default_config("mnist")
+    grid = angular.ablation_grid(cfg, **angular.ablation_settings())
+    assert [(g, p) for g, p, _ in grid] == [("alpha_s", (0.0, 0.1)), ("alpha_s", (100.0, 0.1)),
+                                           ("activation", ("relu", 0.1)), ("activation", ("tanh", 0.1))]
+    assert grid[3][2] == ("alpha_s", (100.0, 0.1))  # tanh at alpha = 100 is the grid's model
+    assert angular.is_base_point(cfg, grid[1][2]) and not angular.is_base_point(cfg, grid[0][2])
+    names = [j.name for j in angular.training_jobs()]
+    assert names == ["mnist-CE", "mnist-AT", "mnist-MMC", "mnist-Ours", "ablation-alpha0.0-s0.1",
+                     "ablation-feature_activationrelu-s0.1"]
+    kw = grid[2][2]
+    job = angular.training_jobs()[-1]
+    model = angular.make_model("Ours", cfg, feature_activation="relu")
+    x, y, _, _ = angular.load_data(cfg)
+    key = train.cache_key(model, x, y, loss_fn=angular.loss_for("Ours", cfg, s=0.1), optimizer="adam", lr=cfg.lr,
+                          epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
+                          cache=f"{angular.ablation_tag(kw)}-Ours")
+    assert jobs.job_key(job) == key
 
 
 # ---------------------------------------------------------------------------------------------- end to end
