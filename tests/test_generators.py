@@ -44,7 +44,7 @@ def test_random_feature_problem_has_every_class(k, extra, d, seed):
 @given(n=st.integers(2, 6), seed=st.integers(0, 2**31 - 1))
 def test_random_feature_problem_binary_in_one_dimension(n, seed):
     """d = 1: the teacher is a sign, so both signs of x must occur; even n = 2 gets both classes."""
-    X, y = L.random_feature_problem(n, 1, seed=seed)
+    _, y = L.random_feature_problem(n, 1, seed=seed)
     assert sorted(torch.unique(y).tolist()) == [0, 1]
 
 
@@ -114,8 +114,8 @@ def test_affine_subspace_instance_both_classes(n, k, extra, seed):
 @settings(max_examples=20, deadline=None)
 @given(n_pos=st.integers(1, 8), n_neg=st.integers(1, 8), dim=st.integers(1, 5), seed=st.integers(0, 10_000))
 def test_differential_generators_counts(n_pos, n_neg, dim, seed):
-    for X, y in (differential.random_clusters(n_pos, n_neg, dim, 3.0, 0.5, seed),
+    for _, y in (differential.random_clusters(n_pos, n_neg, dim, 3.0, 0.5, seed),
                  differential.imbalanced_gaussians(n_pos, n_neg, seed)):
         assert (y == 1).sum() == n_pos and (y == -1).sum() == n_neg
-    X, y = differential.fig3_data(n_pos, n_neg, seed)
+    _, y = differential.fig3_data(n_pos, n_neg, seed)
     assert (y == 1).sum() == n_pos and (y == -1).sum() == n_neg
