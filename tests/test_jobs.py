@@ -117,6 +117,21 @@ def test_flops_per_step_match_the_matrix_products():
     assert job.cost.gpu_seconds == pytest.approx(floor)  # a small net is launch-bound, not FLOP-bound
 
 
+def test_memory_estimate_counts_state_data_and_saved_activations():
+    """MLP 784-16-10 with Adam: weights + gradients + two moments = 4 copies of the parameters; per example the
+    backward pass keeps at least the input, the hidden activation and the log-probabilities (floats)."""
+    [job] = jobs.plan([mlp_job("a", n=150)])
+    c = job.cost
+    params = 784 * 16 + 16 + 16 * 10 + 10
+    assert 4 * params * 4 <= c.state_bytes <= 4 * params * 4 + 64
+    floats = 784 + 16 + 10
+    assert floats * 4 <= c.activation_bytes_per_example <= 2 * floats * 4 + 64
+    assert c.data_bytes == 150 * 784 * 4 + 150 * 8
+    assert c.peak_bytes == c.state_bytes + c.data_bytes + 64 * c.activation_bytes_per_example
+    [wide] = jobs.plan([mlp_job("w", hidden=64, n=150)])
+    assert wide.cost.activation_bytes_per_example > c.activation_bytes_per_example
+
+
 def test_flop_count_agrees_with_torch_flop_counter_mode():
     """A CNN with Adam: the job's count equals FlopCounterMode's on the same step (cross-check)."""
     from torch.utils.flop_counter import FlopCounterMode

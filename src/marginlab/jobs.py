@@ -252,7 +252,11 @@ class Cost:
     evaluations of ``until_zero_error``; ``ops_per_step``: ATen operators dispatched by one step (with the optimiser);
     ``gpu_seconds``: ``steps × max(flops_per_step / sustained FLOP/s, ops_per_step × seconds_per_op)`` + evaluations;
     ``cpu_seconds``: ``steps ×`` the measured time of one step on this machine's CPU (one thread; None when not
-    measured)."""
+    measured). Memory (bytes, float32 as trained): ``state_bytes`` = parameters + gradients + optimiser state;
+    ``activation_bytes_per_example``: tensors autograd saves for the backward pass of one example (measured with
+    ``saved_tensors_hooks`` on the probe rows, parameters excluded); ``data_bytes``: the training set, resident on
+    the device; ``peak_bytes`` = state + data + activations of one full batch — a lower bound on a GPU's peak
+    (the allocator's fragmentation and cuDNN workspaces come on top)."""
 
     steps: int
     flops_per_step: float
@@ -260,6 +264,19 @@ class Cost:
     ops_per_step: int
     gpu_seconds: float
     cpu_seconds: float | None
+    state_bytes: int = 0
+    activation_bytes_per_example: int = 0
+    data_bytes: int = 0
+    batch_size: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.state_bytes + self.data_bytes + self.activation_bytes_per_example * self.batch_size
+
+    def attack_bytes(self, batch_size: int) -> int:
+        """Estimated memory of attacking ``batch_size`` examples at once (activations saved for the input
+        gradient, plus the weights)."""
+        return self.activation_bytes_per_example * batch_size + self.state_bytes // 4
 
     @property
     def flops(self) -> float:
@@ -394,6 +411,26 @@ def job_key(job: Job) -> str:
 # ---------------------------------------------------------------------------------------------- cost
 
 
+class _SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self._skip = {p.untyped_storage().data_ptr() for p in params}
+        self._seen: set[int] = set()
+        self.bytes = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._skip and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+
 class _StepCounter(TorchDispatchMode):
     """Counts the ATen operators dispatched (≈ kernel launches on a GPU) and their FLOPs, with the FLOP formulas of
     ``torch.utils.flop_counter`` (the table ``FlopCounterMode`` uses: matrix products, convolutions, attention).
@@ -481,9 +518,15 @@ def _estimate_built(b: Built, *, probe: int = 2, measure_cpu: bool | None = None
     with config.cpu_threads(1), torch.random.fork_rng():
         torch.manual_seed(seed)
         step = _StepCounter()
-        with step:
+        saved = _SavedBytes(model_.parameters())
+        with step, saved.hooks():
             _one_step(b, idx, opt)
         flops_per_step = step.flops * full_batch / len(idx)
+        state_bytes = sum(2 * p.numel() * p.element_size() for p in model_.parameters() if p.requires_grad)
+        state_bytes += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                           if isinstance(v, torch.Tensor))
+        x_all = torch.as_tensor(b.x)
+        data_bytes = x_all.numel() * 4 + len(b.y) * 8
         eval_flops = 0.0
         if fit.get("until_zero_error"):
             fwd = _StepCounter()
@@ -505,7 +548,9 @@ def _estimate_built(b: Built, *, probe: int = 2, measure_cpu: bool | None = None
     step_s = max(flops_per_step / sustained, step.ops * gpu["seconds_per_op"])
     gpu_seconds = steps * step_s + eval_flops / sustained
     return Cost(steps=steps, flops_per_step=float(flops_per_step), eval_flops=float(eval_flops),
-                ops_per_step=int(step.ops), gpu_seconds=float(gpu_seconds), cpu_seconds=cpu_seconds)
+                ops_per_step=int(step.ops), gpu_seconds=float(gpu_seconds), cpu_seconds=cpu_seconds,
+                state_bytes=int(state_bytes), activation_bytes_per_example=int(saved.bytes // len(idx)),
+                data_bytes=int(data_bytes), batch_size=int(full_batch))
 
 
 def estimate(job: Job, **kwargs: Any) -> Cost:
@@ -843,13 +888,13 @@ def _fmt_seconds(s: float | None) -> str:
 def format_plan(jobs: Sequence[Job], cache_dir: str | os.PathLike | None = None) -> str:
     """The plan as a text table plus the estimated wall time on 1, 2, 4, 8 GPUs."""
     root = config.cache_dir(cache_dir)
-    rows = [("job", "key", "cached", "steps", "GFLOP/step", "est. GPU", "est. CPU (1 thread)")]
+    rows = [("job", "key", "cached", "steps", "GFLOP/step", "est. GPU", "est. CPU (1 thread)", "est. GiB")]
     for j in jobs:
         c = j.cost
         cached = "yes" if j.key and (root / f"{j.key}.pt").is_file() else "no"
         rows.append((j.label, (j.key or "")[:12], cached, str(c.steps) if c else "-",
                      f"{c.flops_per_step / 1e9:.3g}" if c else "-", _fmt_seconds(c.gpu_seconds) if c else "-",
-                     _fmt_seconds(c.cpu_seconds) if c else "-"))
+                     _fmt_seconds(c.cpu_seconds) if c else "-", f"{c.peak_bytes / 2**30:.2g}" if c else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines += ["", "configurations:"] + [f"  {j.label}: {j.summary()}" for j in jobs]
@@ -860,6 +905,9 @@ def format_plan(jobs: Sequence[Job], cache_dir: str | os.PathLike | None = None)
                      f"({ASSUMED_GPU['name']}: {ASSUMED_GPU['utilization']:.0%} of "
                      f"{ASSUMED_GPU['peak_flops'] / 1e12:.0f} TFLOP/s, >= {ASSUMED_GPU['seconds_per_op'] * 1e6:.0f} µs "
                      "per operator; callbacks and evaluation outside training not counted)")
+        peak = max(j.cost.peak_bytes for j in jobs if j.cost is not None)
+        lines.append(f"largest training's memory: {peak / 2**30:.2g} GiB estimated (weights, gradients, optimiser "
+                     "state, training set and one batch's saved activations; allocator overhead not counted)")
         lines.append("estimated wall time: " + ", ".join(
             f"{n} GPU{'s' if n > 1 else ''} {_fmt_seconds(makespan(costs, n))}" for n in (1, 2, 4, 8)))
     return "\n".join(lines)
