@@ -205,7 +205,7 @@ def _tiny_cfg(**kw):
 
     cfg = dataclasses.replace(A.default_config("mnist"), audit_steps=3, audit_restarts=1, audit_n=None,
                               attacks=A.paper_attacks("mnist", scale=0.0, cw_binary_search=1, cw_steps=3,
-                                                      mta_targets=2))
+                                                      mta_targets=2, autoattack_budget=A.SMOKE_AUTOATTACK))
     return dataclasses.replace(cfg, **kw)
 
 
@@ -272,6 +272,9 @@ def test_default_config_profiles(monkeypatch, profile, smoke):
     cfg = A.default_config("mnist")
     if profile == "full" and smoke == "0":
         assert cfg.epochs == 400 and cfg.n_test == 10000 and cfg.attacks == tuple(paper.values())
+    if profile in ("standard", "full") and smoke == "0":  # AutoAttack at Croce & Hein's standard budgets, at the paper's eps
+        aa = [s.build() for s in cfg.attacks if s.kind == "autoattack"]
+        assert len(aa) == 1 and (aa[0].n_iter, aa[0].n_target_classes, aa[0].n_queries) == (100, 9, 5000)
     if profile == "standard":
         # the paper's attack budgets exactly; only which test images the costly attacks see is cut
         for s in cfg.attacks:
@@ -282,7 +285,72 @@ def test_default_config_profiles(monkeypatch, profile, smoke):
         assert cfg.at_steps == 40 and cfg.at_step_size == 0.01
     if smoke == "1":
         assert cfg.n_train <= 256 and cfg.n_test <= 128 and cfg.epochs == 1
-        assert all(s.steps <= 3 and s.binary_search_steps <= 1 for s in cfg.attacks)
+        assert all(s.steps <= 3 for s in cfg.attacks)
+        assert all(s.binary_search_steps <= 1 for s in cfg.attacks if s.kind == "cw")
+        aa = [s.build() for s in cfg.attacks if s.kind == "autoattack"]
+        assert len(aa) == 1 and aa[0].n_iter <= 3 and aa[0].n_queries <= 20  # toy AutoAttack, standard code path
         assert cfg.audit_steps <= 3 and cfg.audit_restarts == 1
         wrn = A.default_config("cifar100", model="wrn")
         assert wrn.model == "wrn" and wrn.augment == "crop_flip" and wrn.lr_schedule == "step:60:0.9"
+    if profile == "quick":
+        aa = [s for s in cfg.attacks if s.kind == "autoattack"]
+        assert len(aa) == 1 and aa[0].version == "quick" and aa[0].eps == 0.3
+
+
+# ---- AutoAttack in the suite, which attack broke what, the gradient-masking flag (issue 14) ----------------
+
+
+def test_attack_spec_names_every_hyperparameter_and_builds_the_package_attacks():
+    specs = {s.kind: s for s in A.paper_attacks("mnist")}
+    assert set(specs) == set(A.ATTACK_KINDS)
+    built = {k: s.build(seed=3, batch_size=7) for k, s in specs.items()}
+    assert isinstance(built["pgd"], attacks.PGD) and built["pgd"].step_size == 0.01 and built["pgd"].steps == 200
+    assert isinstance(built["deepfool"], attacks.DeepFool) and built["deepfool"].overshoot == 0.02
+    assert isinstance(built["cw"], attacks.CarliniWagnerL2) and built["cw"].lr == 0.01
+    assert built["cw"].binary_search_steps == 9 and built["cw"].initial_const == 1e-3
+    assert isinstance(built["mta"], attacks.MultiTargetPGD) and built["mta"].loss == "margin"
+    aa = built["autoattack"]
+    assert isinstance(aa, attacks.AutoAttack) and aa.eps == 0.3 and aa.norm == "linf"
+    assert (aa.n_iter, aa.n_target_classes, aa.n_queries) == (100, 9, 5000)
+    hp = specs["cw"].hyperparameters()
+    assert hp["lr"] == 0.01 and hp["binary_search_steps"] == 9 and "overshoot" not in hp
+    assert A.paper_attacks("mnist", autoattack=None)[-1].kind == "mta"
+    with pytest.raises(ValueError, match="kind"):
+        A.AttackSpec("x", "bogus", 0.3)
+
+
+def test_breakdown_and_black_box_only_flag():
+    clean = torch.tensor([True, True, True, True])
+    ev = A.Evaluation(clean, {"PGD": torch.tensor([True, False, True, False]),
+                              "AutoAttack": torch.tensor([False, False, True, False])},
+                      records={"AutoAttack": {"broken_by": ["square", "apgd-ce", None, "square"],
+                                              "accuracy": {"clean": 1.0, "apgd-ce": 0.75, "apgd-t": 0.75,
+                                                           "fab-t": 0.75, "square": 0.25}}})
+    # image 0: only Square broke it (flag); image 3: Square too, but PGD broke it as well (no flag)
+    assert A.black_box_only(ev).tolist() == [True, False, False, False]
+    # an audit attack that breaks image 0 removes the flag
+    audit = A.Evaluation(clean, {"margin PGD": torch.tensor([False, True, True, True])})
+    assert A.black_box_only(ev, audit).tolist() == [False, False, False, False]
+    rows = {r["attack"]: r for r in ev.breakdown()}
+    assert rows["AutoAttack/square"]["broke"] == 2 and rows["AutoAttack/square"]["broke alone"] == 1
+    assert rows["PGD"]["broke"] == 2 and rows["PGD"]["broke alone"] == 0
+    assert rows["AutoAttack"]["broke"] == 3 and rows["AutoAttack/apgd-t"]["broke"] == 0
+    with pytest.raises(ValueError, match="AutoAttack"):
+        A.black_box_only(A.Evaluation(clean, {}))
+
+
+def test_evaluate_keeps_the_autoattack_record_in_the_worst_case():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg()
+    model = A.make_model("CE", cfg).eval()
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image clean-correct, so the attacks have work to do
+    spec = next(s for s in cfg.attacks if s.kind == "autoattack")
+    ev = A.evaluate(model, x, y, (spec,), batch_size=5)
+    rec = ev.records["AutoAttack"]
+    assert list(rec["accuracy"]) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert len(rec["broken_by"]) == 16
+    robust = torch.tensor([b is None for b in rec["broken_by"]])
+    assert torch.equal(ev.robust["AutoAttack"], robust) and torch.equal(ev.worst_case(), robust)
+    assert ev.accuracy()["AutoAttack"] == pytest.approx(rec["accuracy"]["square"])

@@ -257,19 +257,82 @@ METHODS = ("CE", "AT", "MMC", "Ours")
 EVAL_BATCH_SIZE = 500
 
 
+#: the attack kinds of the suite; "autoattack" is Croce & Hein's (2020) evaluation of record (DESIGN §6)
+ATTACK_KINDS = ("pgd", "mta", "deepfool", "cw", "autoattack")
+#: the hyperparameters each kind uses (every one named; reported in :func:`attack_table`)
+_KIND_PARAMS = {
+    "pgd": ("steps", "step_size", "loss", "random_start", "restarts", "early_stop"),
+    "mta": ("steps", "step_size", "loss", "num_targets", "random_start", "early_stop"),
+    "deepfool": ("steps", "overshoot", "candidates"),
+    "cw": ("steps", "lr", "binary_search_steps", "initial_const", "confidence", "abort_early"),
+    "autoattack": ("version", "n_iter", "n_target_classes", "n_queries"),
+}
+
+
 @dataclass(frozen=True)
 class AttackSpec:
+    """One attack of the suite with every hyperparameter named (only those of its ``kind`` are used).
+
+    Fixed-eps attacks (PGD, MTA, AutoAttack) search inside the ``norm`` ball of radius ``eps``; the
+    minimal-perturbation attacks (DeepFool, C&W) count an example as broken when the adversarial they
+    find lies within ``eps``. :meth:`build` makes the :mod:`marginlab.attacks` object.
+    """
+
     name: str  # column name of the paper's table (e.g. "PGD40")
-    kind: str  # "pgd" | "deepfool" | "cw" | "mta"
+    kind: str  # one of ATTACK_KINDS
     eps: float
-    steps: int
-    step_size: float | None = None  # PGD/MTA step, CW learning rate, DeepFool overshoot
     norm: str = "linf"
-    binary_search_steps: int = 0  # CW only
-    initial_const: float = 1e-3  # CW only
-    num_targets: int | None = None  # MTA only (None = every wrong class)
+    steps: int = 0  # PGD / MTA / DeepFool iterations, C&W Adam steps per search step
+    step_size: float | None = None  # PGD / MTA step (None: 2.5·eps/steps)
+    loss: str = "ce"  # PGD "ce" | "margin"; MTA "margin" (targeted logit difference)
+    random_start: bool = True  # PGD / MTA
+    restarts: int = 1  # PGD
+    num_targets: int | None = None  # MTA: the most likely wrong classes tried (None = every wrong class)
+    overshoot: float = 0.02  # DeepFool
+    candidates: int | None = 10  # DeepFool: classes linearised per step
+    lr: float = 0.01  # C&W Adam learning rate
+    binary_search_steps: int = 9  # C&W
+    initial_const: float = 1e-3  # C&W
+    confidence: float = 0.0  # C&W
+    version: str = "standard"  # AutoAttack: "standard" (Croce & Hein's budgets) | "quick" (reduced)
+    n_iter: int | None = None  # AutoAttack: APGD / FAB iterations (None = the version's)
+    n_target_classes: int | None = None  # AutoAttack: APGD-T / FAB-T targets (None = the version's)
+    n_queries: int | None = None  # AutoAttack: Square queries (None = the version's)
     paper: str = ""  # the paper's setting (002 Table 1), for the report
     n_examples: int | None = None  # attack only the first n test images (None = all): a stated cut
+
+    def __post_init__(self):
+        if self.kind not in ATTACK_KINDS:
+            raise ValueError(f"kind must be one of {ATTACK_KINDS}, got {self.kind!r}")
+
+    def build(self, seed: int = 0, batch_size: int | None = None):
+        """The :mod:`marginlab.attacks` object of this spec (``batch_size``: examples per chunk)."""
+        common = dict(batch_size=batch_size)
+        if self.kind == "pgd":
+            return attacks.PGD(self.eps, self.steps, self.step_size, norm=self.norm, loss=self.loss,
+                               random_start=self.random_start, restarts=self.restarts, seed=seed, **common)
+        if self.kind == "mta":
+            return attacks.MultiTargetPGD(self.eps, self.steps, self.step_size, norm=self.norm, loss=self.loss,
+                                          num_targets=self.num_targets, random_start=self.random_start, seed=seed,
+                                          **common)
+        if self.kind == "deepfool":
+            return attacks.DeepFool(self.steps, self.overshoot, norm=self.norm, candidates=self.candidates, **common)
+        if self.kind == "cw":
+            if self.norm != "l2":
+                raise ValueError(f"C&W is an L2 attack, got norm {self.norm!r}")
+            return attacks.CarliniWagnerL2(self.steps, self.lr, self.initial_const, self.binary_search_steps,
+                                           self.confidence, **common)
+        return attacks.AutoAttack(self.eps, self.norm, version=self.version, seed=seed, batch_size=batch_size,
+                                  n_iter=self.n_iter, n_target_classes=self.n_target_classes, n_queries=self.n_queries)
+
+    def hyperparameters(self) -> dict[str, object]:
+        """Every hyperparameter this attack runs with (the built object's, so defaults are shown too)."""
+        built = self.build()
+        out = {"eps": self.eps, "norm": self.norm}
+        for k in _KIND_PARAMS[self.kind]:
+            v = getattr(built, k) if hasattr(built, k) else getattr(self, k)
+            out[k] = "2.5·eps/steps" if k == "step_size" and v is None else v
+        return out
 
 
 @dataclass(frozen=True)
@@ -312,10 +375,17 @@ class Ch5Config:
 
 
 def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, cw_initial_const: float = 1e-3,
-                  mta_targets: int | None = None, cw_lr: float = 0.01, cw_steps: int | None = None
-                  ) -> tuple[AttackSpec, ...]:
-    """The attack suite of 002 Table 1 for ``dataset``; ``scale`` < 1 shrinks step counts (quick profile)
-    while keeping eps and the total travel (steps × step size, capped below by one eps) comparable."""
+                  mta_targets: int | None = None, cw_lr: float = 0.01, cw_steps: int | None = None,
+                  autoattack: str | None = "standard", autoattack_budget: dict | None = None,
+                  autoattack_n: int | None = None) -> tuple[AttackSpec, ...]:
+    """The attack suite of 002 Table 1 for ``dataset``, plus AutoAttack (Croce & Hein 2020) at the paper's eps.
+
+    ``scale`` < 1 shrinks step counts (quick profile) while keeping eps and the total travel (steps ×
+    step size, capped below by one eps) comparable. ``autoattack``: its version ("standard": the
+    reference budgets; "quick": reduced) or None to leave it out; ``autoattack_budget`` overrides
+    ``n_iter`` / ``n_target_classes`` / ``n_queries`` (the smoke run's toy sizes); ``autoattack_n``: on
+    the first n test images only (a stated cut).
+    """
     mnist = dataset == "mnist"
     eps = 0.3 if mnist else 8 / 255
     cw_eps = 3.0 if mnist else 1.0
@@ -332,15 +402,26 @@ def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, c
     else:
         pgd = [("PGD20", 20, 0.0031), ("PGD100", 100, 0.0031)]
         mta = ("MTA100", 100, 0.0031)
-    specs = [AttackSpec(nm, "pgd", eps, n(k), step(k, a), paper=f"{k} steps, step {a}") for nm, k, a in pgd]
-    specs.append(AttackSpec("DeepFool", "deepfool", eps, n(50) if scale == 0 else max(n(50), 5), 0.02,
-                            paper="50 steps, overshoot 0.02, Linf"))
-    specs.append(AttackSpec("C&W", "cw", cw_eps, cw_steps or n(1000), cw_lr, norm="l2", binary_search_steps=cw_binary_search,
-                            initial_const=cw_initial_const,
+    specs = [AttackSpec(nm, "pgd", eps, steps=n(k), step_size=step(k, a), loss="ce", random_start=True, restarts=1,
+                        paper=f"{k} steps, step {a}") for nm, k, a in pgd]
+    specs.append(AttackSpec("DeepFool", "deepfool", eps, steps=n(50) if scale == 0 else max(n(50), 5),
+                            overshoot=0.02, paper="50 steps, overshoot 0.02, Linf"))
+    specs.append(AttackSpec("C&W", "cw", cw_eps, norm="l2", steps=cw_steps or n(1000), lr=cw_lr,
+                            binary_search_steps=cw_binary_search, initial_const=cw_initial_const,
                             paper=f"1000 steps, lr 0.01, L2 eps {cw_eps:g} (binary search 9, c0 1e-3)"))
-    specs.append(AttackSpec(mta[0], "mta", eps, n(mta[1]), step(mta[1], mta[2]), num_targets=mta_targets,
-                            paper=f"{mta[1]} steps, step {mta[2]}, every target"))
+    specs.append(AttackSpec(mta[0], "mta", eps, steps=n(mta[1]), step_size=step(mta[1], mta[2]), loss="margin",
+                            num_targets=mta_targets, paper=f"{mta[1]} steps, step {mta[2]}, every target"))
+    if autoattack is not None:
+        specs.append(AttackSpec("AutoAttack", "autoattack", eps, version=autoattack, n_examples=autoattack_n,
+                                **(autoattack_budget or {}),
+                                paper="not run in 002 (Croce & Hein 2020: APGD-CE, APGD-T, FAB-T, Square)"))
     return tuple(specs)
+
+
+#: AutoAttack in the standard profile: at Croce & Hein's budgets on the first n test images (a stated cut)
+STANDARD_AUTOATTACK_N = {"mnist": 100, "cifar10": 10, "cifar100": 10}
+#: AutoAttack in the smoke run: the standard version's code paths at toy budgets
+SMOKE_AUTOATTACK = {"n_iter": 3, "n_target_classes": 2, "n_queries": 20}
 
 
 def default_config(dataset: str = "mnist", model: str = "cwnet") -> Ch5Config:
@@ -350,11 +431,13 @@ def default_config(dataset: str = "mnist", model: str = "cwnet") -> Ch5Config:
     WRN-34-10 of Tables 2 (CIFAR-10) and 3 (CIFAR-100) with the paper's pad-crop-flip augmentation and
     step schedule (lr x 0.9 every 60 epochs), full profile only (and its smoke run, with a narrow WRN).
 
-    * full: the paper (400 epochs, all data, 002 Table 1's attacks on every test image);
+    Every profile's suite ends with AutoAttack (Croce & Hein 2020) at the paper's eps, the evaluation of record.
+
+    * full: the paper (400 epochs, all data, 002 Table 1's attacks on every test image), AutoAttack standard;
     * standard (CPU, ~45 min for the chapter): the paper's optimiser, lr, batch, architectures and attack
-      budgets; every local training image; epochs cut, and the costliest attacks (C&W, MTA) and the audit
-      on the first test images only — every cut is in the chapter's settings table;
-    * quick: a CPU pipeline check (~1/20 of the attack steps, 5 epochs);
+      budgets, AutoAttack standard; every local training image; epochs cut, and the costliest attacks (C&W,
+      MTA, AutoAttack) and the audit on the first test images only — every cut is in the chapter's settings table;
+    * quick: a CPU pipeline check (~1/20 of the attack steps, 5 epochs, AutoAttack's reduced "quick" version);
     * smoke (full profile, ``MARGINLAB_SMOKE=1``): the full profile's code paths at toy sizes.
     """
     if dataset not in ("mnist", "cifar10", "cifar100"):
@@ -371,24 +454,30 @@ def default_config(dataset: str = "mnist", model: str = "cwnet") -> Ch5Config:
     # standard: estimates from single-thread throughput measured on an idle core (CWNet+BN: MNIST ~1,700,
     # CIFAR ~280 images/s for a training step or an attack step); see the chapter's settings table
     few = 50 if mnist else 10  # C&W and MTA (thousands of steps per robust image) on the first images only
+    # AutoAttack at Croce & Hein's standard budgets costs ~2,000 gradient steps + 5,000 queries per still-robust
+    # image: on the first images only (see the chapter's settings table)
+    few_aa = STANDARD_AUTOATTACK_N[dataset]
     standard = Ch5Config(
         dataset=dataset, n_train=None, n_test=1000 if mnist else 200, epochs=20 if mnist else 5,
         at_epochs=2 if mnist else 1, at_steps=full.at_steps, at_step_size=full.at_step_size,
-        attacks=tuple(_replace(a, n_examples=few) if a.kind in ("cw", "mta") else a for a in paper_attacks(dataset)),
+        attacks=tuple(_replace(a, n_examples=few) if a.kind in ("cw", "mta") else a
+                      for a in paper_attacks(dataset, autoattack_n=few_aa)),
         audit_steps=500, audit_restarts=2, audit_n=100, **wrn)
     # quick: a CPU smoke run of every code path (2560 of the 3678 training images, 5 epochs, 100 test images,
-    # attacks with ~1/10-1/20 of the paper's steps; C&W: one run at c = 1, no binary search)
+    # attacks with ~1/10-1/20 of the paper's steps; C&W: one run at c = 1, no binary search; AutoAttack at its
+    # REDUCED "quick" budget: 25 iterations, 3 targets, 1,000 Square queries)
     quick = Ch5Config(dataset=dataset, n_train=2560, n_test=100, epochs=5,
                       at_steps=2, at_step_size=eps / 2,
                       attacks=paper_attacks(dataset, scale=0.05, cw_binary_search=1, cw_initial_const=1.0,
-                                            mta_targets=3, cw_lr=0.05, cw_steps=20),
+                                            mta_targets=3, cw_lr=0.05, cw_steps=20, autoattack="quick"),
                       audit_steps=20, audit_restarts=2, **wrn)
     # smoke: the full profile's paths at toy sizes (<= 256 / 128 images, 1 epoch, <= 3 attack steps, 1 restart;
     # the WRN is the same class at depth 10, width 1)
     smoke = Ch5Config(dataset=dataset, n_train=256, n_test=128, epochs=1, at_steps=2, at_step_size=eps / 2,
                       attacks=tuple(_replace(a, n_examples=64) if a.kind in ("cw", "mta") else a for a in
                                     paper_attacks(dataset, scale=0.0, cw_binary_search=1, cw_initial_const=1.0,
-                                                  mta_targets=2, cw_lr=0.05, cw_steps=3)),
+                                                  mta_targets=2, cw_lr=0.05, cw_steps=3,
+                                                  autoattack_budget=SMOKE_AUTOATTACK)),
                       audit_steps=3, audit_restarts=1, audit_n=64, wrn_depth=10, wrn_width=1,
                       eval_batch_size=64, **wrn)
     if model == "wrn":
@@ -663,31 +752,24 @@ def _dist(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int = 0,
-               batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               batch_size: int | None = None, *, report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one attack of the suite; returns (x_adv, robust mask) on x's device.
 
     Computes on the model's device in chunks of ``batch_size`` examples (default ``EVAL_BATCH_SIZE``).
     Minimal-perturbation attacks (DeepFool, C&W) count an example as robust when the found
-    adversarial point is farther than ``spec.eps`` or is not adversarial at all.
+    adversarial point is farther than ``spec.eps`` or is not adversarial at all. For AutoAttack,
+    ``report`` (a dict, if given) receives its record: per example the member that broke it
+    (``broken_by``), the accuracy after each member and their seconds.
     """
-    if spec.kind not in ("pgd", "mta", "deepfool", "cw"):
-        raise ValueError(f"unknown attack kind {spec.kind!r}")
     home = x.device
     xd, yd = _on_model(model, x, y)
-
-    def one(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if spec.kind == "pgd":
-            return attacks.pgd(model, xb, yb, spec.eps, spec.steps, step_size=spec.step_size, norm=spec.norm,
-                               loss="ce", random_start=True, restarts=1, seed=seed)
-        if spec.kind == "mta":
-            return attacks.multi_target(model, xb, yb, spec.eps, spec.steps, norm=spec.norm,
-                                        step_size=spec.step_size, num_targets=spec.num_targets, seed=seed)
-        if spec.kind == "deepfool":
-            return attacks.deepfool(model, xb, yb, steps=spec.steps, overshoot=spec.step_size, norm=spec.norm)
-        return attacks.cw_l2(model, xb, yb, steps=spec.steps, lr=spec.step_size,
-                             binary_search_steps=spec.binary_search_steps, initial_const=spec.initial_const)
-
-    x_adv = _batched(one, xd, yd, batch_size)
+    attack = spec.build(seed=seed, batch_size=EVAL_BATCH_SIZE if batch_size is None else int(batch_size))
+    if spec.kind == "autoattack":
+        rec = attack.run(model, xd, yd)
+        if report is not None:
+            report.update(broken_by=rec.broken_by, accuracy=rec.accuracy, seconds=rec.seconds, attacks=rec.attacks)
+        return rec.x_adv.to(home), rec.robust.to(home)
+    x_adv = attack(model, xd, yd)
     fooled = ~_correct(model, x_adv, yd, batch_size)
     if spec.kind in ("pgd", "mta"):
         return x_adv.to(home), (~fooled).to(home)
@@ -707,6 +789,7 @@ class Evaluation:
     clean: torch.Tensor  # (N,) bool
     robust: dict[str, torch.Tensor]  # attack name -> (n <= N,) bool, the first n test images
     distances: dict[str, torch.Tensor] = field(default_factory=dict)  # minimal attacks: (n,) distances
+    records: dict[str, dict] = field(default_factory=dict)  # AutoAttack: broken_by per example, accuracy per member
 
     def accuracy(self) -> dict[str, float]:
         out = {"Clean": float(self.clean.float().mean())}
@@ -741,6 +824,52 @@ class Evaluation:
         return m
 
 
+    def broken(self) -> dict[str, torch.Tensor]:
+        """Per attack (and per AutoAttack member, as "AutoAttack/apgd-ce", ...): which test images it broke
+        (bool over the images it attacked: clean-correct there and not robust)."""
+        out = {k: self.clean[: len(v)] & ~v for k, v in self.robust.items()}
+        for name, rec in self.records.items():
+            for member in rec.get("accuracy", {}):
+                if member != "clean":
+                    out[f"{name}/{member}"] = torch.tensor([b == member for b in rec["broken_by"]],
+                                                           dtype=torch.bool, device=self.clean.device)
+        return out
+
+    def breakdown(self) -> list[dict[str, object]]:
+        """Rows: per attack, how many images it broke and how many of those no other attack column broke
+        (AutoAttack's members are compared with the other columns, not with each other)."""
+        broken = self.broken()
+        rows = []
+        for k, b in broken.items():
+            top = k.split("/")[0]
+            others = [v for kk, v in broken.items() if kk.split("/")[0] != top]
+            alone = b.clone()
+            for v in others:
+                n = min(len(alone), len(v))
+                alone[:n] &= ~v[:n]
+            rows.append({"attack": k, "images attacked": len(b), "broke": int(b.sum()), "broke alone": int(alone.sum())})
+        return rows
+
+
+def black_box_only(ev: Evaluation, *extra: Evaluation, autoattack: str = "AutoAttack",
+                   black_box: str = "square") -> torch.Tensor:
+    """Gradient-masking flag (DESIGN §6; Croce & Hein 2020 §5): the test images that AutoAttack's black-box
+    member ``black_box`` (Square) broke although every white-box attack run on them failed — AutoAttack's own
+    APGD-CE, APGD-T and FAB-T (Square runs only on what they left) and every other column of ``ev`` and of the
+    ``extra`` evaluations (e.g. the audit's) that covers the image. Bool over the images AutoAttack attacked."""
+    rec = ev.records.get(autoattack)
+    if rec is None:
+        raise ValueError(f"the evaluation has no {autoattack!r} record; run the suite with an AutoAttack spec")
+    flag = torch.tensor([b == black_box for b in rec["broken_by"]], dtype=torch.bool, device=ev.clean.device)
+    for e in (ev, *extra):
+        for k, v in e.robust.items():
+            if e is ev and k == autoattack:
+                continue
+            n = min(len(flag), len(v))
+            flag[:n] &= v[:n].to(flag.device)  # still robust under the white-box attack k
+    return flag
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: tuple[AttackSpec, ...],
              seed: int = 0, batch_size: int | None = None) -> Evaluation:
     """Clean correctness and per-attack robustness masks under the suite ``specs``.
@@ -755,8 +884,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: tuple[At
     for spec in specs:
         n = len(xd) if spec.n_examples is None else min(int(spec.n_examples), len(xd))
         xs, ys, clean = xd[:n], yd[:n], ev.clean[:n]
-        x_adv, rob = run_attack(model, xs, ys, spec, seed=seed, batch_size=batch_size)
+        rec: dict = {}
+        x_adv, rob = run_attack(model, xs, ys, spec, seed=seed, batch_size=batch_size, report=rec)
         ev.robust[spec.name] = rob & clean
+        if rec:
+            ev.records[spec.name] = rec
         if spec.kind in ("deepfool", "cw"):
             d = _dist(x_adv, xs, spec.norm)
             d[_correct(model, x_adv, ys, batch_size)] = float("inf")  # not adversarial: no distance found
@@ -767,7 +899,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: tuple[At
 
 def _to(ev: Evaluation, dev: torch.device) -> Evaluation:
     return Evaluation(ev.clean.to(dev), {k: v.to(dev) for k, v in ev.robust.items()},
-                      {k: v.to(dev) for k, v in ev.distances.items()})
+                      {k: v.to(dev) for k, v in ev.distances.items()}, dict(ev.records))
 
 
 # ============================================================================================
@@ -1001,13 +1133,18 @@ def comparison_table(results: dict[str, dict[str, float]] | None, dataset: str) 
 
 
 def attack_table(specs: tuple[AttackSpec, ...]) -> list[dict[str, str]]:
-    """Rows: every attack's hyperparameters (ours) next to the paper's Table-1 setting."""
-    return [{"attack": s.name, "kind": s.kind, "norm": s.norm, "eps": f"{s.eps:.4g}", "steps": str(s.steps),
-             "step / lr / overshoot": f"{s.step_size:.4g}" if s.step_size else "—",
-             "extra": (f"binary search {s.binary_search_steps}, c0 {s.initial_const:g}" if s.kind == "cw" else
-                       f"targets {s.num_targets or 'all'}" if s.kind == "mta" else ""),
-             "test images": "all" if s.n_examples is None else f"first {s.n_examples}",
-             "paper (002 Table 1)": s.paper} for s in specs]
+    """Rows: every attack with all its hyperparameters (ours) next to the paper's Table-1 setting."""
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = []
+    for s in specs:
+        hp = s.hyperparameters()
+        rows.append({"attack": s.name, "kind": s.kind, "norm": s.norm, "eps": fmt(s.eps),
+                     "hyperparameters": ", ".join(f"{k} {fmt(v)}" for k, v in hp.items() if k not in ("eps", "norm")),
+                     "test images": "all" if s.n_examples is None else f"first {s.n_examples}",
+                     "paper (002 Table 1)": s.paper})
+    return rows
 
 
 # ============================================================================================
