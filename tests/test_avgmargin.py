@@ -236,7 +236,7 @@ def test_margin_curves_and_robustness_move_cpu_points_to_the_models_device():
                               track=(0, 1), n_samples=4, device=dev, batch_size=8)
         model = am.make_model("lr", "mnist", seed=0).to(dev)
         res = am.evaluate_robustness(model, x, y, epsilons=(0.5, 2.0), steps=3, n_margin=4, n_samples=4,
-                                     unbounded_eps=100.0, batch_size=7)
+                                     unbounded_eps=100.0, batch_size=7, autoattack_budget=TOY_AA)
     assert mc.epochs == [0, 1] and np.isfinite(mc.margins["test"]["lower"][-1]).all()
     pe = res["per_example"]
     assert pe["clean"].device.type == "cpu" and not device_strict.is_device_tensor(pe["clean"])
@@ -253,6 +253,35 @@ def test_robust_masks_nested_and_extra_attacks_join_the_worst_case():
 
     fgm = lambda mdl, xb, yb, e: attacks.fgsm(mdl, xb, yb, e, norm="l2")  # noqa: E731
     res = am.evaluate_robustness(model, x, y, epsilons=(0.5, 3.0), steps=3, n_margin=2, n_samples=2,
-                                 unbounded_eps=100.0, extra_attacks={"FGM": fgm})
-    assert res["attack"]["ensemble"] == ["L2-PGD", "FGM"]
+                                 unbounded_eps=100.0, extra_attacks={"FGM": fgm}, autoattack_budget=TOY_AA)
+    assert res["attack"]["ensemble"] == ["L2-PGD", "AutoAttack", "FGM"]
     assert all(w <= p + 1e-12 for w, p in zip(res["worst"], res["pgd"]))
+
+
+TOY_AA = {"n_iter": 3, "n_target_classes": 2, "n_queries": 20}
+
+
+def test_l2_autoattack_is_in_the_worst_case_on_the_images_it_attacked():
+    """Issue 14: L2 AutoAttack joins every Table-1 evaluation; the record (worst case) rests on the images it
+    attacked (the first ``autoattack_n``), PGD and clean accuracy on all of them."""
+    from marginlab import attacks
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    model = am.make_model("lr", "mnist", seed=0)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # all clean-correct
+    atk = am.l2_autoattack("quick", n_iter=3, n_queries=20)
+    xa = atk(model, x, y, 0.5)
+    attacks.assert_in_ball(x, xa, 0.5, "l2")
+    res = am.evaluate_robustness(model, x, y, epsilons=(0.5, 3.0), steps=3, n_margin=2, n_samples=2,
+                                 unbounded_eps=100.0, autoattack="quick", autoattack_budget=TOY_AA, autoattack_n=6)
+    pe = res["per_example"]
+    assert len(pe["AutoAttack"][3.0]) == 6 and len(pe["worst"][3.0]) == 6 and len(pe["L2-PGD"][3.0]) == 16
+    for e in (0.5, 3.0):
+        assert torch.equal(pe["worst"][e], pe["AutoAttack"][e] & pe["L2-PGD"][e][:6])
+    assert res["n_worst"] == 6 and res["attack"]["autoattack_images"] == 6
+    assert "version='quick'" in res["attack"]["autoattack"] and "n_iter=3" in res["attack"]["autoattack"]
+    none = am.evaluate_robustness(model, x, y, epsilons=(0.5, 3.0), steps=3, n_margin=2, n_samples=2,
+                                  unbounded_eps=100.0, autoattack=None)
+    assert none["attack"]["ensemble"] == ["L2-PGD"] and none["worst"] == none["pgd"]

@@ -528,6 +528,25 @@ def l2_pgd(steps: int, step_size: float | None = None, seed: int = 0):
     return functools.partial(attacks.pgd, steps=steps, step_size=step_size, norm="l2", loss="ce", seed=seed)
 
 
+def _autoattack_points(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "l2",
+                       version: str = "standard", seed: int = 0, **budget: int | None) -> torch.Tensor:
+    """AutoAttack's per-example worst-case points (Croce & Hein 2020) at radius ``eps`` (for :func:`robust_masks`)."""
+    from . import attacks
+
+    return attacks.AutoAttack(eps, norm, version=version, seed=seed,
+                              **{k: v for k, v in budget.items() if v is not None})(model, x, y)
+
+
+def l2_autoattack(version: str = "standard", seed: int = 0, *, n_iter: int | None = None,
+                  n_target_classes: int | None = None, n_queries: int | None = None):
+    """L2 AutoAttack (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020) as ``attack(model, x, y, eps)``:
+    ``version`` "standard" (the reference budgets) or "quick" (reduced); the keyword budgets override it."""
+    import functools
+
+    return functools.partial(_autoattack_points, norm="l2", version=version, seed=seed, n_iter=n_iter,
+                             n_target_classes=n_target_classes, n_queries=n_queries)
+
+
 def robust_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack, epsilons: Sequence[float], *,
                  batch_size: int | None = None, device: str | torch.device | None = None) -> torch.Tensor:
     """Per-example robustness (bool, (len(epsilons), N), on the CPU) under ``attack(model, x, y, eps)``:
@@ -558,16 +577,21 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                         steps: int, step_size: float | None = None, stronger_steps: int | None = None,
                         unbounded_eps: float = 30.0, n_margin: int = 100, r: float = 5.0, n_samples: int = 256,
                         seed: int = 0, device: str | torch.device | None = None, extra_attacks: dict | None = None,
-                        batch_size: int | None = None, upper_options: dict | None = None) -> dict:
+                        batch_size: int | None = None, upper_options: dict | None = None,
+                        autoattack: str | None = "standard", autoattack_budget: dict | None = None,
+                        autoattack_n: int | None = None) -> dict:
     """Clean and L2-PGD accuracy (003 Table 1: step 0.01, 1000 iterations; our default step 2.5·eps/steps),
     plus the DESIGN §6 sanity rules, asserted: accuracy non-increasing in eps, eps = 0 is clean accuracy,
     an unbounded attack reaches 0% (median distortion reported), ``stronger_steps`` do not raise accuracy.
     The average margin is measured on the first ``n_margin`` points (Lipschitz lower bound, and upper bound).
 
-    ``extra_attacks`` (name -> ``attack(model, x, y, eps)``) join L2-PGD in the ensemble: the robust accuracy
-    of record ("worst") is the per-example worst case over all of them. The per-example booleans behind every
-    number are returned under "per_example" (for bootstrap intervals over test images). Computes on the
-    model's device (or ``device``) in chunks of ``batch_size``.
+    The ensemble is L2-PGD, L2 AutoAttack (Croce & Hein 2020; ``autoattack``: its version, "standard" or the
+    reduced "quick", None to leave it out; ``autoattack_budget``: n_iter / n_target_classes / n_queries
+    overrides) and ``extra_attacks`` (name -> ``attack(model, x, y, eps)``): the robust accuracy of record
+    ("worst") is the per-example worst case over all of them, on the first ``autoattack_n`` test images
+    (None: all), the ones AutoAttack attacked; "pgd" and "clean" are over every test image. The per-example
+    booleans behind every number are returned under "per_example" (for bootstrap intervals over test images).
+    Computes on the model's device (or ``device``) in chunks of ``batch_size``.
     """
     from . import attacks
 
@@ -579,14 +603,19 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     xd, yd = x.to(dev), y.to(dev)
     grid = [0.0] + eps
     ensemble = {"L2-PGD": l2_pgd(steps, step_size, seed)}
+    n_aa = len(xd) if autoattack_n is None else min(int(autoattack_n), len(xd))
+    if autoattack is not None:
+        ensemble["AutoAttack"] = l2_autoattack(autoattack, seed + 2, **(autoattack_budget or {}))
     ensemble.update(extra_attacks or {})
     with torch.enable_grad():
-        masks = {name: robust_masks(model, xd, yd, atk, grid, batch_size=bs) for name, atk in ensemble.items()}
-        worst = torch.stack(list(masks.values())).all(dim=0)  # (len(grid), N)
+        masks = {name: robust_masks(model, xd[:n_aa] if name == "AutoAttack" else xd,
+                                    yd[:n_aa] if name == "AutoAttack" else yd, atk, grid, batch_size=bs)
+                 for name, atk in ensemble.items()}
+        worst = torch.stack([m[:, :n_aa] for m in masks.values()]).all(dim=0)  # (len(grid), n_aa)
         acc = [float(m.double().mean()) for m in masks["L2-PGD"]]
         acc_worst = [float(m.double().mean()) for m in worst]
-        clean_mask = worst[0]
-        clean = acc_worst[0]
+        clean_mask = masks["L2-PGD"][0]
+        clean = acc[0]
         stronger = None
         if stronger_steps:
             strong = robust_masks(model, xd, yd, l2_pgd(stronger_steps, None, seed + 1), grid, batch_size=bs)
@@ -603,13 +632,16 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         unbounded = float(1.0 - fooled.double().mean())
         dist = attacks.perturbation_norms(xd, x_unb, "l2").cpu()
         median = float(dist[fooled].median()) if bool(fooled.any()) else math.nan
-    report = attacks.assert_sanity(grid, acc_worst, clean=clean, unbounded=unbounded, median_distortion=median,
-                                   stronger=stronger, label="L2 ensemble")
+    # the stronger PGD is checked against L2-PGD on the same images; the worst case for the other rules
+    pgd_report = attacks.assert_sanity(grid, acc, clean=clean, stronger=stronger, label="L2-PGD")
+    report = attacks.assert_sanity(grid, acc_worst, clean=acc_worst[0], unbounded=unbounded, median_distortion=median,
+                                   label="L2 ensemble")
     m = estimate_margins(model, xd[:n_margin], yd[:n_margin], r=r, n_samples=n_samples, upper=True, seed=seed,
                          device=dev, upper_options=upper_options)
-    return {"clean": clean, "epsilons": eps, "pgd": acc[1:], "worst": acc_worst[1:],
+    return {"clean": clean, "epsilons": eps, "pgd": acc[1:], "worst": acc_worst[1:], "n_worst": n_aa,
+            "autoattack": None if autoattack is None else [float(m.double().mean()) for m in masks["AutoAttack"]][1:],
             "pgd_stronger": None if stronger is None else stronger[0][1:],
-            "unbounded_acc": unbounded, "unbounded_median_l2": median, "sanity": report["message"],
+            "unbounded_acc": unbounded, "unbounded_median_l2": median, "sanity": pgd_report["message"] + " | " + report["message"],
             "avg_margin_lower": summarize(m["lower"])[1], "avg_margin_upper": summarize(m["upper"])[1],
             "margins": m, "per_example": {"clean": clean_mask, "worst": dict(zip(eps, worst[1:])),
                                           **{f"{name}": dict(zip(eps, mk[1:])) for name, mk in masks.items()}},
@@ -617,7 +649,11 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                            step_size=step_size if step_size is not None else "2.5*eps/steps",
                            random_start=True, restarts=1, stronger_steps=stronger_steps,
                            unbounded_eps=unbounded_eps, unbounded_steps=unb_steps,
-                           unbounded_step_size=unb_step, ensemble=list(ensemble))}
+                           unbounded_step_size=unb_step, ensemble=list(ensemble),
+                           autoattack=None if autoattack is None else repr(attacks.AutoAttack(
+                               max(eps), "l2", version=autoattack, **(autoattack_budget or {}))).replace(
+                               f"eps={max(eps)}", "eps=each ε"),
+                           autoattack_images=n_aa if autoattack is not None else 0)}
 
 
 def compare_training(kind: str, dataset: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
