@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -99,6 +99,7 @@ def test_apgd_checkpoints():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), norm=st.sampled_from(["linf", "l2"]))
+@example(seed=78, norm="l2")  # regression: out of reach, inf * 0 gave NaN on zero-weight coordinates
 def test_hyperplane_box_projection_is_optimal(seed, norm):
     """project_hyperplane_box solves min ||d|| s.t. w.d = r, 0 <= p + d <= 1 (checked against scipy)."""
     from scipy.optimize import linprog, minimize

@@ -68,7 +68,10 @@ def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, r: torch.Tensor, no
     s = (rr - before_ah) / (total.squeeze(1) - before_a).clamp_min(1e-30)
     s = torch.where(k >= w.shape[1], torch.full_like(s, float("inf")), s)
     s = s[:, None]
-    mag = torch.minimum(s, cap) if norm == "linf" else torch.minimum(s * absw, cap)
+    if norm == "linf":
+        mag = torch.minimum(s, cap)
+    else:  # out of reach s = inf, and inf * 0 would be NaN on zero-weight coordinates: those do not move
+        mag = torch.where(absw > 0, torch.minimum(s * absw, cap), torch.zeros_like(cap))
     return torch.sign(ws) * mag
 
 
