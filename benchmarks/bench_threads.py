@@ -63,52 +63,48 @@ def _worker(workloads: list[str], torch_first: bool) -> None:
     """Run in a fresh interpreter: time each workload once after a warm-up, print one JSON line."""
     if torch_first:
         import torch  # noqa: F401  (a notebook that imported torch before marginlab)
-    import marginlab  # noqa: F401  (applies the package's thread policy, unless MARGINLAB_THREADS=off)
+    import marginlab  # applies the package's thread policy first, unless MARGINLAB_THREADS=off
     import torch
 
-    from marginlab import data, models, train
-    from marginlab import lowrank
+    from marginlab import attacks, data, lowrank, models, train
 
     results: dict[str, float] = {}
     for name in workloads:
         if name == "lenet":
-            x, y = lowrank.binary_cifar("train")
+            xc, yc = lowrank.binary_cifar("train")
 
-            def run(epochs: int) -> None:
+            def lenet(epochs: int, x=xc, y=yc) -> None:
                 torch.manual_seed(0)
                 model = models.LeNet(in_channels=3, num_classes=2)
                 train.fit(model, x, y, epochs=epochs, batch_size=64, optimizer="adam", lr=1e-3, device="cpu",
                           progress=False)
 
-            run(1)
+            lenet(1)  # warm-up: allocator, oneDNN kernels
             t0 = time.perf_counter()
-            run(2)
+            lenet(2)
         elif name == "pgd":
-            from marginlab import attacks
-
-            x, y = data.load("mnist", split="test")
-            x, y = x[:128], y[:128]
+            xm, ym = data.load("mnist", split="test")
             torch.manual_seed(0)
-            model = models.CWNet("mnist", num_classes=10, batchnorm=False).eval()
+            cnn = models.CWNet("mnist", num_classes=10, batchnorm=False).eval()
 
-            def run() -> None:
+            def pgd(model=cnn, x=xm[:128], y=ym[:128]) -> None:
                 attacks.pgd(model, x, y, eps=0.3, steps=10, early_stop=False, device="cpu")
 
-            run()
+            pgd()
             t0 = time.perf_counter()
-            run()
+            pgd()
         elif name == "mlp":
-            x, y = data.load("mnist", split="train")
+            xt, yt = data.load("mnist", split="train")
 
-            def run(epochs: int) -> None:
+            def mlp(x=xt, y=yt) -> None:
                 torch.manual_seed(0)
                 model = models.MLP((1, 28, 28), hidden=(1024,), num_classes=10)
-                train.fit(model, x, y, epochs=epochs, batch_size=64, optimizer="sgd", lr=0.01, device="cpu",
+                train.fit(model, x, y, epochs=1, batch_size=64, optimizer="sgd", lr=0.01, device="cpu",
                           progress=False)
 
-            run(1)
+            mlp()
             t0 = time.perf_counter()
-            run(1)
+            mlp()
         else:
             raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
         results[name] = time.perf_counter() - t0
@@ -123,7 +119,7 @@ class Busy:
     def __init__(self, n: int):
         self.n, self.procs = n, []
 
-    def __enter__(self) -> "Busy":
+    def __enter__(self) -> Busy:
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
         if self.procs:
             time.sleep(0.5)  # let it reach the run queue
@@ -149,7 +145,8 @@ def _run_workloads(policy: str, workloads: list[str], busy: int, timeout: float)
         cmd.append("--torch-first")
     load = _load()
     with Busy(busy):
-        proc = subprocess.run(cmd, env=_env(policy), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, env=_env(policy), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed ({policy}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,7 +168,8 @@ def _run_chapter(policy: str, chapter: Path, busy: int, timeout: float) -> dict:
         env["MARGINLAB_CACHE"] = cache
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                               str(chapter)], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                               str(chapter)], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              check=False)
         seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{chapter.name} failed ({policy}):\n{proc.stdout[-3000:]}")
@@ -232,10 +230,32 @@ def main(argv: list[str] | None = None) -> int:
     def med(pol: str, busy: int, item: str) -> float:
         return statistics.median(r["seconds"][item] for r in rows if r["policy"] == pol and r["busy"] == busy)
 
+    def one(pol: str, busy: int, rnd: int) -> dict:
+        return next(r for r in rows if r["policy"] == pol and r["busy"] == busy and r["round"] == rnd)
+
+    # Ratios within a round pair measurements taken minutes apart, under about the same background load;
+    # medians across rounds mix loads, which on a shared machine swing more than the policies differ.
+    ref = "torch" if "torch" in a.policies else a.policies[0]
+    print(f"\nratios within each round (busy/idle; idle/{ref} idle), load = mean of the round's loads")
+    paired: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for rnd in range(a.rounds):
+        load = statistics.mean(r["load"] for r in rows if r["round"] == rnd)
+        cells = []
+        for pol in a.policies:
+            for item in items:
+                idle, busy = one(pol, 0, rnd)["seconds"][item], one(pol, a.busy, rnd)["seconds"][item]
+                vs_ref = idle / one(ref, 0, rnd)["seconds"][item]
+                paired.setdefault((pol, item), []).append((busy / idle, vs_ref))
+                cells.append(f"{pol}/{item} {busy / idle:.2f};{vs_ref:.2f}")
+        print(f"round {rnd} load {load:5.2f}: " + "  ".join(cells))
+    print(f"\n{'policy':15s} {'item':28s} {'median busy/idle':>17s} {'median idle/' + ref:>18s}")
+    for (pol, item), pairs in paired.items():
+        print(f"{pol:15s} {item:28s} {statistics.median(p[0] for p in pairs):17.2f} "
+              f"{statistics.median(p[1] for p in pairs):18.2f}")
+
     loads = {b: [r["load"] for r in rows if r["busy"] == b] for b in (0, a.busy)}
     print(f"\nmedian seconds; load averages at start: idle runs {min(loads[0]):.2f}-{max(loads[0]):.2f}, "
           f"busy runs {min(loads[a.busy]):.2f}-{max(loads[a.busy]):.2f}")
-    ref = "torch" if "torch" in a.policies else a.policies[0]
     print(f"{'policy':15s} {'item':28s} {'idle s':>8s} {'busy s':>8s} {'busy/idle':>10s} {'idle/' + ref:>12s}")
     for pol in a.policies:
         for item in items:
