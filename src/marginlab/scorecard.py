@@ -345,6 +345,8 @@ class Scorecard:
         self.claims: dict[str, Claim] = {}
         self.records: dict[str, Any] = {}
         self._start = time.perf_counter()
+        # the code that computes the numbers is the code checked out when the run starts
+        self._commit = _git_commit()
         self._changes = 0  # claims and records added; compared with the count at the last save
         self._saved_changes = -1
 
@@ -375,7 +377,8 @@ class Scorecard:
         return {
             **config.describe(),
             "threads": torch.get_num_threads(),
-            "commit": _git_commit(),
+            "commit": self._commit,
+            **({"commit_at_save": now} if (now := _git_commit()) != self._commit else {}),
             "seconds": round(time.perf_counter() - self._start, 2),
             "seeds": self.seeds,
             "data_sizes": _data_sizes(),
