@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import nn
 
 from . import attacks, config
 from .losses import angular_penalty, angular_penalty_loss, mmc_loss, pgd_adversarial_loss, simplex_gram
+
+if TYPE_CHECKING:  # only for annotations: jobs imports the chapter modules
+    from . import jobs
 
 # ============================================================================================
 # Geometry: simplex, Theorem 1, ReLU counter-example

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import config
+
+if TYPE_CHECKING:  # only for annotations: jobs imports the chapter modules
+    from . import jobs
 
 # --------------------------------------------------------------------------------------------
 # exact margins of linear classifiers and binary logistic regression by SGD (003 §3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import nn
 
 from . import config
 from .losses import binary_scores, differential_bias
+
+if TYPE_CHECKING:  # only for annotations: jobs imports the chapter modules
+    from . import jobs
 
 # ============================================================================================
 # Input checks

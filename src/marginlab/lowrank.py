@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config
+
+if TYPE_CHECKING:  # only for annotations: jobs imports the chapter modules
+    from . import jobs
 
 LOSSES = ("logistic", "softmax")
 OPTIMIZERS = ("gd", "momentum", "adam")

@@ -512,6 +512,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def show_table(rows: list[dict[str, Any]] | dict[str, dict[str, Any]], first: str = ""):
+    """Display a table in a notebook (Markdown) and return it.
+
+    ``rows``: a list of ``{column: value}`` or ``{row label: {column: value}}`` (the labels become
+    the first column, headed ``first``); floats are shown to 4 significant digits.
+    """
+    from IPython.display import Markdown, display
+
+    if isinstance(rows, dict):
+        rows = [{first: label, **row} for label, row in rows.items()]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else v  # noqa: E731
+    md = Markdown(markdown_table([{k: fmt(v) for k, v in r.items()} for r in rows]))
+    display(md)
+    return md
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole book
 
