@@ -119,3 +119,10 @@ def test_differential_generators_counts(n_pos, n_neg, dim, seed):
         assert (y == 1).sum() == n_pos and (y == -1).sum() == n_neg
     _, y = differential.fig3_data(n_pos, n_neg, seed)
     assert (y == 1).sum() == n_pos and (y == -1).sum() == n_neg
+
+
+@pytest.mark.parametrize("make", [differential.imbalanced_gaussians, differential.fig3_data])
+def test_differential_generators_refuse_an_empty_class(make):
+    for counts, name in (((0, 3), "n_pos|n_blue"), ((3, 0), "n_neg|n_red")):
+        with pytest.raises(ValueError, match=name):
+            make(*counts)

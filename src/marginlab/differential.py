@@ -261,8 +261,16 @@ def linear_experiment(X: np.ndarray, y: np.ndarray, steps: int, lr: float,
     }
 
 
+def _check_counts(**counts: int) -> None:
+    for name, n in counts.items():
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name} must be a positive int (both classes present), got {n!r}")
+
+
 def imbalanced_gaussians(n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """001 Fig. 2's two Gaussian classes (means (2, 12) and (40, 50), variance 25) with unequal sizes."""
+    """001 Fig. 2's two Gaussian classes (means (2, 12) and (40, 50), variance 25) with unequal sizes
+    (both classes present: ``n_pos``, ``n_neg`` ≥ 1)."""
+    _check_counts(n_pos=n_pos, n_neg=n_neg)
     rng = np.random.default_rng(seed)
     X = np.r_[rng.normal([40.0, 50.0], 5.0, (n_pos, 2)), rng.normal([2.0, 12.0], 5.0, (n_neg, 2))]
     y = np.r_[np.ones(n_pos, int), -np.ones(n_neg, int)]
@@ -374,6 +382,7 @@ def pair_usage(y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> 
 def fig3_data(n_blue: int = 10, n_red: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A 2-D problem needing a nonlinear boundary: class +1 ("blue") in a thin vertical strip at the
     centre, class −1 ("red") in two strips to its left and right — nearly low-rank along x."""
+    _check_counts(n_blue=n_blue, n_red=n_red)
     rng = np.random.default_rng(seed)
     blue = np.c_[rng.uniform(-0.4, 0.4, n_blue), rng.uniform(-1.0, 1.0, n_blue)]
     side = np.where(np.arange(n_red) % 2 == 0, -1.0, 1.0)
