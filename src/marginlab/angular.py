@@ -1,7 +1,7 @@
-"""Chapter 5: the angular-margin weight penalty of Xu, Li & Yang (2020, paper 002) and its baselines.
+"""Chapter 5: the angular-margin weight penalty of Xu, Li & Yang (2020) and its baselines.
 
-* geometry: the regular simplex (002 Lemma 2), the max-min-angle problem of 002 Thm 1 solved by
-  optimisation, the ReLU counter-example of 002 §3.2 / Fig. 2;
+* geometry: the regular simplex (Xu et al. 2020, Lemma 2), the max-min-angle problem of Xu et al. 2020, Thm 1 solved by
+  optimisation, the ReLU counter-example of Xu et al. 2020, §3.2 / Fig. 2;
 * Max-Mahalanobis centres and the MMC model of Pang et al. (2020) (centres fixed, logits −‖z − μ_k‖²);
 * experiment drivers: models and training for CE / penalty / PGD-AT / MMC, the paper's Table-1 attack
   suite, the adaptive-attack audit, and per-example worst cases.
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # only for annotations: jobs imports the chapter modules
 
 
 def _check_kp(num_classes: int, dim: int, what: str | None = None) -> None:
-    """Validate K and P; with ``what`` also K ≤ P + 1 (002 Thm 1's assumption), naming what needs it."""
+    """Validate K and P; with ``what`` also K ≤ P + 1 (Xu et al. 2020, Thm 1's assumption), naming what needs it."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"K (number of classes) must be an int >= 2, got {num_classes!r}")
     if not isinstance(dim, int) or dim < 1:
@@ -43,10 +43,10 @@ def _check_kp(num_classes: int, dim: int, what: str | None = None) -> None:
 
 def simplex(num_classes: int, dim: int, s: float = 1.0, *, dtype: torch.dtype = torch.float64,
             device: torch.device | str | None = None) -> torch.Tensor:
-    """K rows in R^P of length s with pairwise inner products s²/(1−K): the W = [V, 0] of 002 Lemma 2.
+    """K rows in R^P of length s with pairwise inner products s²/(1−K): the W = [V, 0] of Xu et al. 2020, Lemma 2.
 
     Built from the centred basis vectors e_i − 1/K expressed in the Helmert basis of 1^⊥ (so it is
-    exact and deterministic). Needs K ≤ P + 1 (002 Thm 1's assumption).
+    exact and deterministic). Needs K ≤ P + 1 (Xu et al. 2020, Thm 1's assumption).
     """
     _check_kp(num_classes, dim, "a regular simplex")
     k = num_classes
@@ -76,7 +76,7 @@ def pairwise_angles(w: torch.Tensor) -> torch.Tensor:
 
 
 def simplex_angle(num_classes: int) -> float:
-    """The optimal minimum pairwise angle arccos(1/(1−K)) of 002 Thm 1 (radians)."""
+    """The optimal minimum pairwise angle arccos(1/(1−K)) of Xu et al. 2020, Thm 1 (radians)."""
     _check_kp(num_classes, 1)
     return math.acos(1.0 / (1 - num_classes))
 
@@ -92,7 +92,7 @@ class MaxMinAngleResult:
 def max_min_angle(num_classes: int, dim: int, *, steps: int = 800, lr: float = 0.05,
                   beta: tuple[float, float] = (5.0, 200.0), seed: int = 0, record_every: int = 25
                   ) -> MaxMinAngleResult:
-    """Maximise the minimum pairwise angle of K unit vectors in R^P by gradient descent (002 Thm 1, (3.5)).
+    """Maximise the minimum pairwise angle of K unit vectors in R^P by gradient descent (Xu et al. 2020, Thm 1, (3.5)).
 
     The objective is the smooth maximum (1/β) log Σ_{i<j} exp(β cos_ij) of the pairwise cosines, β
     annealed geometrically from ``beta[0]`` to ``beta[1]`` so that it tends to max_{i<j} cos_ij (A.3).
@@ -133,7 +133,7 @@ def max_min_angle(num_classes: int, dim: int, *, steps: int = 800, lr: float = 0
 
 
 def relu_counterexample(n: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
-    """002 §3.2 / Fig. 2: with K = 3, P = 2 and evenly spread w_i, a class whose w lies in the third
+    """Xu et al. 2020, §3.2 / Fig. 2: with K = 3, P = 2 and evenly spread w_i, a class whose w lies in the third
     quadrant is never predicted for non-negative (ReLU) features, but is for tanh features in (−1, 1)².
 
     Returns the weights (w_3 in the third quadrant) and the share of each predicted class over
@@ -155,7 +155,7 @@ def relu_counterexample(n: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
 def fixed_head_toy(activation: str, *, n_per_class: int = 200, steps: int = 400, seed: int = 0,
                    scale: float = 5.0) -> dict[str, float | np.ndarray]:
     """Train a tiny 2→64→2 network whose 2-D features feed a *fixed* simplex head (w_3 in the third
-    quadrant, as when weights are fixed in advance, 002 §3.2) on three Gaussian blobs; per-class recall.
+    quadrant, as when weights are fixed in advance, Xu et al. 2020, §3.2) on three Gaussian blobs; per-class recall.
 
     With ``activation="relu"`` class 3 can never be predicted (asserted in the chapter);
     ``"tanh"`` features can reach every class.
@@ -301,7 +301,7 @@ class AttackSpec:
     n_iter: int | None = None  # AutoAttack: APGD / FAB iterations (None = the version's)
     n_target_classes: int | None = None  # AutoAttack: APGD-T / FAB-T targets (None = the version's)
     n_queries: int | None = None  # AutoAttack: Square queries (None = the version's)
-    paper: str = ""  # the paper's setting (002 Table 1), for the report
+    paper: str = ""  # the paper's setting (Xu et al. 2020, Table 1), for the report
     n_examples: int | None = None  # attack only the first n test images (None = all): a stated cut
 
     def __post_init__(self):
@@ -357,11 +357,11 @@ class Ch5Config:
     seed: int = 0
     at_epochs: int | None = None  # epochs of PGD adversarial training (None = ``epochs``)
     audit_n: int | None = None  # test images the audit attacks (None = all n_test)
-    model: str = "cwnet"  # "cwnet" (002 Tables 4/5) | "wrn" (Tables 2/3)
+    model: str = "cwnet"  # "cwnet" (Xu et al. 2020, Tables 4/5) | "wrn" (Tables 2/3)
     wrn_depth: int = 34
     wrn_width: int = 10
-    augment: str | None = None  # "crop_flip": 4-pixel padding, random 32x32 crop, horizontal flip (002 §4.1)
-    lr_schedule: str | None = None  # "step:60:0.9": lr x 0.9 every 60 epochs (002 §4.1)
+    augment: str | None = None  # "crop_flip": 4-pixel padding, random 32x32 crop, horizontal flip (Xu et al. 2020, §4.1)
+    lr_schedule: str | None = None  # "step:60:0.9": lr x 0.9 every 60 epochs (Xu et al. 2020, §4.1)
     eval_batch_size: int = EVAL_BATCH_SIZE  # examples per attack call (memory, not results)
 
     @property
@@ -381,7 +381,7 @@ def paper_attacks(dataset: str, scale: float = 1.0, cw_binary_search: int = 9, c
                   mta_targets: int | None = None, cw_lr: float = 0.01, cw_steps: int | None = None,
                   autoattack: str | None = "standard", autoattack_budget: dict | None = None,
                   autoattack_n: int | None = None) -> tuple[AttackSpec, ...]:
-    """The attack suite of 002 Table 1 for ``dataset``, plus AutoAttack (Croce & Hein 2020) at the paper's eps.
+    """The attack suite of Xu et al. 2020, Table 1 for ``dataset``, plus AutoAttack (Croce & Hein 2020) at the paper's eps.
 
     ``scale`` < 1 shrinks step counts (quick profile) while keeping eps and the total travel (steps ×
     step size, capped below by one eps) comparable. ``autoattack``: its version ("standard": the
@@ -430,13 +430,13 @@ SMOKE_AUTOATTACK = {"n_iter": 3, "n_target_classes": 2, "n_queries": 20}
 def default_config(dataset: str = "mnist", model: str = "cwnet") -> Ch5Config:
     """The active run's settings for ``dataset`` via :func:`marginlab.config.pick`.
 
-    ``model="cwnet"``: the small CNNs of 002 Tables 4 (MNIST) and 5 (CIFAR-10); ``model="wrn"``: the
+    ``model="cwnet"``: the small CNNs of Xu et al. 2020, Tables 4 (MNIST) and 5 (CIFAR-10); ``model="wrn"``: the
     WRN-34-10 of Tables 2 (CIFAR-10) and 3 (CIFAR-100) with the paper's pad-crop-flip augmentation and
     step schedule (lr x 0.9 every 60 epochs), full profile only (and its smoke run, with a narrow WRN).
 
     Every profile's suite ends with AutoAttack (Croce & Hein 2020) at the paper's eps, the evaluation of record.
 
-    * full: the paper (400 epochs, all data, 002 Table 1's attacks on every test image), AutoAttack standard;
+    * full: the paper (400 epochs, all data, Xu et al. 2020, Table 1's attacks on every test image), AutoAttack standard;
     * standard (CPU, ~45 min for the chapter): the paper's optimiser, lr, batch, architectures and attack
       budgets, AutoAttack standard; every local training image; epochs cut, and the costliest attacks (C&W,
       MTA, AutoAttack) and the audit on the first test images only — every cut is in the chapter's settings table;
@@ -500,9 +500,9 @@ def _replace(spec: AttackSpec, **kw) -> AttackSpec:
 
 
 def make_model(method: str, cfg: Ch5Config, *, feature_activation: str | None = None) -> nn.Module:
-    """CW small CNN with BatchNorm for ``method`` (002 §4.2).
+    """CW small CNN with BatchNorm for ``method`` (Xu et al. 2020, §4.2).
 
-    CE / AT: ReLU features, biased head. Ours: tanh features, bias-free head (002 §3.1-3.2).
+    CE / AT: ReLU features, biased head. Ours: tanh features, bias-free head (Xu et al. 2020, §3.1-3.2).
     MMC: ReLU features (as in Pang et al.), fixed centres of norm C_MM.
     """
     from .models import CWNet
@@ -524,12 +524,12 @@ def make_model(method: str, cfg: Ch5Config, *, feature_activation: str | None = 
 
 
 def _make_wrn(method: str, cfg: Ch5Config, feature_activation: str | None) -> nn.Module:
-    """WRN-``depth``-``width`` (Zagoruyko & Komodakis 2016) for 002 Tables 2-3, with the same head
+    """WRN-``depth``-``width`` (Zagoruyko & Komodakis 2016) for Xu et al. 2020, Tables 2-3, with the same head
     conventions as the small CNNs (Ours: tanh features, bias-free head)."""
     from .models import WideResNet
 
     ours = method == "Ours"
-    # 002 §4.1 normalises the images; the per-channel statistics of the CIFAR training sets
+    # Xu et al. 2020, §4.1 normalises the images; the per-channel statistics of the CIFAR training sets
     stats_ = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
     base = WideResNet(depth=cfg.wrn_depth, widen_factor=cfg.wrn_width, num_classes=cfg.num_classes,
@@ -657,7 +657,7 @@ def table_runs() -> list[tuple[str, str, tuple[str, ...], str]]:
 
 
 def ablation_settings() -> dict[str, tuple]:
-    """The ablation grid of the active run (002 Figs. 5-6): α, s and the feature activations; the quick and
+    """The ablation grid of the active run (Xu et al. 2020, Figs. 5-6): α, s and the feature activations; the quick and
     standard profiles cut it to α ∈ {0, 100}, s = 0.1, ReLU vs tanh."""
     return {
         "alphas": config.pick(quick=(0.0, 100.0), full=(0.0, 1.0, 10.0, 100.0, 1000.0), standard=(0.0, 100.0),
@@ -1092,10 +1092,10 @@ def weight_geometry(model: nn.Module) -> dict[str, float]:
 
 
 # ============================================================================================
-# The paper's numbers (002 Tables 2-5, transcribed from the text) and side-by-side tables
+# The paper's numbers (Xu et al. 2020, Tables 2-5, transcribed from the text) and side-by-side tables
 # ============================================================================================
 
-#: 002 Table 4 (MNIST, small CNN) and Table 5 (CIFAR-10, small CNN), accuracies in %.
+#: Xu et al. 2020, Table 4 (MNIST, small CNN) and Table 5 (CIFAR-10, small CNN), accuracies in %.
 PAPER_TABLES: dict[str, dict[str, dict[str, float]]] = {
     "mnist": {
         "AT": {"Clean": 99.47, "PGD40": 96.38, "PGD200": 94.58, "DeepFool": 96.79, "C&W": 39.82, "MTA200": 98.57},
@@ -1107,7 +1107,7 @@ PAPER_TABLES: dict[str, dict[str, dict[str, float]]] = {
         "MMC": {"Clean": 73.30, "PGD20": 39.23, "PGD100": 38.96, "DeepFool": 16.86, "C&W": 1.49, "MTA100": 25.96},
         "Ours": {"Clean": 81.43, "PGD20": 57.11, "PGD100": 56.22, "DeepFool": 59.11, "C&W": 59.11, "MTA100": 64.88},
     },
-    # 002 Table 3 (CIFAR-100, WRN-34-10) and Table 2 (CIFAR-10, WRN-34-10): "Ours" rows
+    # Xu et al. 2020, Table 3 (CIFAR-100, WRN-34-10) and Table 2 (CIFAR-10, WRN-34-10): "Ours" rows
     "cifar100": {"Ours": {"Clean": 73.84, "PGD20": 47.17, "PGD100": 46.47, "DeepFool": 55.21, "C&W": 54.82}},
     "cifar10-wrn": {"Ours": {"Clean": 94.10, "PGD20": 78.40, "DeepFool": 79.92, "C&W": 83.42}},
 }
@@ -1185,7 +1185,7 @@ def run_table(cfg: Ch5Config, methods: tuple[str, ...] = METHODS, *, tag: str = 
 def run_ablation(cfg: Ch5Config, data, *, alphas=(0.0, 1.0, 100.0), ss=(0.1, 1.0),
                  activations=("relu", "prelu", "leaky_relu", "tanh"), attack: AttackSpec | None = None,
                  tag: str = "ch05-ablation", base_model: nn.Module | None = None) -> dict[str, dict]:
-    """002 §4.3 / Figs. 5-6: clean and PGD accuracy of the penalty method over α, s and the feature
+    """Xu et al. 2020, §4.3 / Figs. 5-6: clean and PGD accuracy of the penalty method over α, s and the feature
     activation (α = ``cfg.alpha`` for the activation sweep, s from ``ss``). ``base_model``, when given,
     is the already trained model at (cfg.alpha, cfg.s, tanh) on the same data and is reused there."""
     xtr, ytr, xte, yte = data

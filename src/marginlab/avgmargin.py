@@ -1,14 +1,14 @@
-"""Chapter 6 computation: minimum versus average margin (Wu & Yu 2019, paper 003).
+"""Chapter 6 computation: minimum versus average margin (Wu & Yu 2019).
 
 * :func:`logistic_sgd_margins` — binary logistic regression trained by (stochastic) gradient
-  descent with the exact minimum / average margin of every epoch (003 §3, Fig 1, Fig 3).
+  descent with the exact minimum / average margin of every epoch (Wu & Yu 2019, §3, Fig 1, Fig 3).
 * :func:`svm_margins` — the hard-margin SVM's margins (reference lines), after a separability check.
 * :func:`margin_curves` — margins of nonlinear models at chosen epochs by the Lipschitz lower bound
-  (003 Thm 2, Hein & Andriushchenko 2017) and a minimal-perturbation upper bound (003 Fig 2, 5–7).
+  (Wu & Yu 2019, Thm 2, Hein & Andriushchenko 2017) and a minimal-perturbation upper bound (Wu & Yu 2019, Fig 2, 5–7).
 * :func:`compare_training` — standard training vs Lipschitz regularisation vs the average-margin
-  regulariser: clean accuracy, L2-PGD accuracy and average margin (003 Table 1).
+  regulariser: clean accuracy, L2-PGD accuracy and average margin (Wu & Yu 2019, Table 1).
 
-Margins here are signed L2 distances to the decision boundary (003 §2): positive when the point is
+Margins here are signed L2 distances to the decision boundary (Wu & Yu 2019, §2): positive when the point is
 classified correctly, negative otherwise; exact for linear models.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # only for annotations: jobs imports the chapter modules
     from . import jobs
 
 # --------------------------------------------------------------------------------------------
-# exact margins of linear classifiers and binary logistic regression by SGD (003 §3)
+# exact margins of linear classifiers and binary logistic regression by SGD (Wu & Yu 2019, §3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -52,7 +52,7 @@ def _as_pm1(y, n: int, name: str) -> np.ndarray:
 
 
 def signed_linear_margins(w: np.ndarray, b: float, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-example signed distance y_i (w·x_i + b)/‖w‖ to the hyperplane (003 §2, exact for linear f)."""
+    """Per-example signed distance y_i (w·x_i + b)/‖w‖ to the hyperplane (Wu & Yu 2019, §2, exact for linear f)."""
     from . import linear
 
     return linear.margins(w, b, X, y)
@@ -116,12 +116,12 @@ def logistic_sgd_margins(
     nesterov: bool = True, batch_size: int | None = 128, bias: bool = True, seed: int = 0,
     snapshot_epochs: Iterable[int] = (), track_every: int = 1,
 ) -> MarginTrace:
-    """Binary logistic regression, mean loss log(1 + exp(−y(w·x + b))), from w = 0 by SGD (003 §3, App. A:
+    """Binary logistic regression, mean loss log(1 + exp(−y(w·x + b))), from w = 0 by SGD (Wu & Yu 2019, §3, App. A:
     lr 0.01, momentum 0.9, Nesterov, batch 128); ``batch_size=None`` is full-batch gradient descent.
 
     After every ``track_every``-th epoch it records the exact minimum and average signed margin
-    (003 §2) on the training and test points, the loss and the errors; at ``snapshot_epochs`` it
-    keeps every margin (for histograms, 003 Fig 1c). Float64 throughout: margins near the SVM's
+    (Wu & Yu 2019, §2) on the training and test points, the loss and the errors; at ``snapshot_epochs`` it
+    keeps every margin (for histograms, Wu & Yu 2019, Fig 1c). Float64 throughout: margins near the SVM's
     differ in the 4th digit. Labels in {−1, +1}.
     """
     with _single_thread_blas():
@@ -198,17 +198,17 @@ def _logistic_sgd_margins(X, y, X_test, y_test, *, epochs, lr, momentum, nestero
 
 
 # --------------------------------------------------------------------------------------------
-# margins of nonlinear models over training (003 §4.1–4.2, Fig 2, 5–7)
+# margins of nonlinear models over training (Wu & Yu 2019, §4.1–4.2, Fig 2, 5–7)
 # --------------------------------------------------------------------------------------------
 
-#: Epochs at which 003 App. A estimates the margins of the nonlinear models.
+#: Epochs at which Wu & Yu 2019, App. A estimates the margins of the nonlinear models.
 PAPER_EPOCHS = (1, 10, 20, 30, 40, 50, 80, 120, 160, 200)
-#: Truncation τ of the average-margin regulariser per model (003 App. A).
+#: Truncation τ of the average-margin regulariser per model (Wu & Yu 2019, App. A).
 PAPER_TAU = {("mnist", "lr"): 5.0, ("mnist", "mlp"): 5.0, ("mnist", "cnn"): 10.0,
              ("cifar10", "lr"): 5.0, ("cifar10", "mlp"): 10.0, ("cifar10", "cnn"): 10.0}
-#: L2-PGD radii of 003 Table 1.
+#: L2-PGD radii of Wu & Yu 2019, Table 1.
 PAPER_EPS = {"mnist": (0.5, 1.0, 1.5, 2.0), "cifar10": (0.1, 0.2, 0.3, 0.4)}
-#: 003 Table 1 (clean and L2-PGD accuracy in %, average margin), keyed (dataset, model, method).
+#: Wu & Yu 2019, Table 1 (clean and L2-PGD accuracy in %, average margin), keyed (dataset, model, method).
 PAPER_TABLE1 = {
     ("mnist", "mlp", "Std"): (98.24, 89.26, 49.23, 15.78, 5.06, 0.80),
     ("mnist", "mlp", "LCR"): (95.99, 91.12, 80.62, 60.56, 34.07, 1.36),
@@ -226,7 +226,7 @@ PAPER_TABLE1 = {
 
 
 def make_model(kind: str, dataset: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """003's six models (App. A): multiclass logistic regression ("lr"), one hidden layer of 1024 ReLU
+    """Wu & Yu 2019's six models (App. A): multiclass logistic regression ("lr"), one hidden layer of 1024 ReLU
     ("mlp"), and the Carlini–Wagner CNN ("cnn", as in C&W 2017: no BatchNorm). Seeded initialisation."""
     from . import models
 
@@ -255,8 +255,8 @@ def _compute_device(model: nn.Module, device: str | torch.device | None = None) 
 def estimate_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, r: float = 5.0, n_samples: int = 256,
                      upper: bool = True, upper_methods: Sequence[str] = ("deepfool",), seed: int = 0,
                      device: str | torch.device | None = None, upper_options: dict | None = None) -> dict[str, np.ndarray]:
-    """Signed margins of ``model`` at (x, y) (003 §2): the Lipschitz lower bound (003 Thm 2, r, n_samples
-    random points in B(x, r); 003 uses r = 5 and 1024·50 samples) and, beyond the paper, the
+    """Signed margins of ``model`` at (x, y) (Wu & Yu 2019, §2): the Lipschitz lower bound (Wu & Yu 2019, Thm 2, r, n_samples
+    random points in B(x, r); Wu & Yu 2019 uses r = 5 and 1024·50 samples) and, beyond the paper, the
     minimal-perturbation upper bound (smallest DeepFool/CW distortion inside [0, 1]^d). For a linear model
     the exact margin is added ("exact"). Returns float64 arrays keyed "lower", "upper", "exact"."""
     from . import margins
@@ -348,9 +348,9 @@ def margin_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, points: di
                   upper_methods: Sequence[str] = ("deepfool",), cache: str | None = None, seed: int = 0,
                   device: str | torch.device | None = None, upper_options: dict | None = None,
                   **fit_kw) -> MarginCurves:
-    """Train ``model`` with ``marginlab.train.fit`` (003 App. A: SGD lr 0.01, momentum 0.9, Nesterov, batch 128)
+    """Train ``model`` with ``marginlab.train.fit`` (Wu & Yu 2019, App. A: SGD lr 0.01, momentum 0.9, Nesterov, batch 128)
     and estimate the margins of ``points`` (e.g. 500 random train and test images) after the epochs in
-    ``track`` (003 Fig 2, 6: epochs 1, 10, ..., 200). The margins ride in the training history, so a
+    ``track`` (Wu & Yu 2019, Fig 2, 6: epochs 1, 10, ..., 200). The margins ride in the training history, so a
     cache hit of ``fit`` restores them without recomputation."""
     from . import train
 
@@ -380,7 +380,7 @@ def _curves(hist, points: Iterable[str], track: Iterable[int]) -> MarginCurves:
                         seconds=float(hist.meta.get("seconds", 0.0)), cached=bool(hist.meta.get("cached", False)))
 
 
-#: 003 App. A's optimiser for every model: SGD, lr 0.01, Nesterov momentum 0.9, batch 128.
+#: Wu & Yu 2019, App. A's optimiser for every model: SGD, lr 0.01, Nesterov momentum 0.9, batch 128.
 FIT_003 = dict(optimizer="nesterov", lr=0.01, momentum=0.9, batch_size=128)
 
 
@@ -392,8 +392,8 @@ FIT_003 = dict(optimizer="nesterov", lr=0.01, momentum=0.9, batch_size=128)
 def chapter_settings() -> dict:
     """Training sizes of the active run (:func:`marginlab.config.pick`): training images (``n_train`` None: all),
     epochs, tracked epochs and margin points/samples of the curves, which models the curves and Table 1 train.
-    The quick profile trains far less than 003 (stated in the chapter); standard cuts the CNNs and CIFAR-10
-    nonlinear models (CPU time) and estimates margins on 100 points x 256 samples (003: 500 x 51,200)."""
+    The quick profile trains far less than Wu & Yu 2019 (stated in the chapter); standard cuts the CNNs and CIFAR-10
+    nonlinear models (CPU time) and estimates margins on 100 points x 256 samples (Wu & Yu 2019: 500 x 51,200)."""
     full_curves = [(d, k) for d in ("mnist", "cifar10") for k in ("lr", "mlp", "cnn")]
     full_table = [(d, k) for d in ("mnist", "cifar10") for k in ("mlp", "cnn")]
     return config.pick(
@@ -448,7 +448,7 @@ def curve_epochs(kind: str) -> tuple[int, list[int]]:
 
 
 def curve_job(dataset: str, kind: str) -> "jobs.Job":
-    """The training of ``kind`` on ``dataset`` whose margins the curves (003 Fig 2, 5-7) follow: 003's optimiser,
+    """The training of ``kind`` on ``dataset`` whose margins the curves (Wu & Yu 2019, Fig 2, 5-7) follow: Wu & Yu 2019's optimiser,
     :func:`margins_callback` (r = 5) on :func:`margin_points` at the tracked epochs."""
     from . import jobs
 
@@ -474,8 +474,8 @@ def chapter_curves(dataset: str, kind: str, device: str | torch.device | None = 
 
 
 def table_job(dataset: str, kind: str, method: str, tau: float | None = None) -> "jobs.Job":
-    """003 Table 1: ``kind`` on ``dataset`` trained with ``method`` ("Std", "LCR" or "AMR", see
-    :func:`training_methods`) from the same initialisation, 003's optimiser, ``table_epochs`` epochs."""
+    """Wu & Yu 2019, Table 1: ``kind`` on ``dataset`` trained with ``method`` ("Std", "LCR" or "AMR", see
+    :func:`training_methods`) from the same initialisation, Wu & Yu 2019's optimiser, ``table_epochs`` epochs."""
     from . import jobs, losses
 
     tau = PAPER_TAU[(dataset, kind)] if tau is None else tau
@@ -505,13 +505,13 @@ def trend(values: Sequence[float], start: int = 0) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# standard training vs LCR (Parseval) vs AMR (003 §4.3, Table 1)
+# standard training vs LCR (Parseval) vs AMR (Wu & Yu 2019, §4.3, Table 1)
 # --------------------------------------------------------------------------------------------
 
 
 def training_methods(tau: float, lam: float = 0.1, beta_amr: float = 1e-3, beta_lcr: float = 1e-2) -> dict:
-    """The three training objectives of 003 Table 1: "Std" (cross-entropy), "LCR" (Cisse et al. 2017,
-    penalty form, β = 1e-2) and "AMR" (003 eq. 4, λ = 0.1, β = 1e-3, τ per model)."""
+    """The three training objectives of Wu & Yu 2019, Table 1: "Std" (cross-entropy), "LCR" (Cisse et al. 2017,
+    penalty form, β = 1e-2) and "AMR" (Wu & Yu 2019, eq. 4, λ = 0.1, β = 1e-3, τ per model)."""
     from . import losses
 
     return {"Std": None, "LCR": losses.parseval_loss(beta=beta_lcr),
@@ -523,7 +523,7 @@ EVAL_BATCH_SIZE = 1000
 
 
 def l2_pgd(steps: int, step_size: float | None = None, seed: int = 0):
-    """003 Table 1's attack: L2-PGD on the cross-entropy, random start (``step_size`` None: 2.5·eps/steps)."""
+    """Wu & Yu 2019, Table 1's attack: L2-PGD on the cross-entropy, random start (``step_size`` None: 2.5·eps/steps)."""
     import functools
 
     from . import attacks
@@ -583,7 +583,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                         batch_size: int | None = None, upper_options: dict | None = None,
                         autoattack: str | None = "standard", autoattack_budget: dict | None = None,
                         autoattack_n: int | None = None) -> dict:
-    """Clean and L2-PGD accuracy (003 Table 1: step 0.01, 1000 iterations; our default step 2.5·eps/steps),
+    """Clean and L2-PGD accuracy (Wu & Yu 2019, Table 1: step 0.01, 1000 iterations; our default step 2.5·eps/steps),
     plus the DESIGN §6 sanity rules, asserted: accuracy non-increasing in eps, eps = 0 is clean accuracy,
     an unbounded attack reaches 0% (median distortion reported), ``stronger_steps`` do not raise accuracy.
     The average margin is measured on the first ``n_margin`` points (Lipschitz lower bound, and upper bound).
@@ -663,8 +663,8 @@ def compare_training(kind: str, dataset: str, x: torch.Tensor, y: torch.Tensor, 
                      y_test: torch.Tensor, *, epochs: int, epsilons: Sequence[float] | None = None,
                      tau: float | None = None, cache: str | None = None, seed: int = 0,
                      device: str | torch.device | None = None, fit_kw: dict | None = None, **eval_kw) -> dict:
-    """003 Table 1 for one (dataset, model): train Std, LCR and AMR from the same initialisation with
-    003's optimiser and evaluate each with :func:`evaluate_robustness` on (x_test, y_test)."""
+    """Wu & Yu 2019, Table 1 for one (dataset, model): train Std, LCR and AMR from the same initialisation with
+    Wu & Yu 2019's optimiser and evaluate each with :func:`evaluate_robustness` on (x_test, y_test)."""
     from . import train
 
     tau = PAPER_TAU[(dataset, kind)] if tau is None else tau

@@ -782,7 +782,7 @@ def gaussian_blobs(
 
     ``means[0]`` is the mean of class +1, ``means[1]`` of class -1; ``std`` is the standard
     deviation (one value, or one per class); ``n_per_class`` an int or (n_pos, n_neg).
-    Rows are class +1 first. Example, 001 Fig 2: ``gaussian_blobs(10, [(2, 12), (40, 50)], 5.0)``
+    Rows are class +1 first. Example, Nar et al. 2019b, Fig 2: ``gaussian_blobs(10, [(2, 12), (40, 50)], 5.0)``
     (variance 25).
     """
     mu = np.asarray(means, dtype=np.float64)
@@ -801,7 +801,7 @@ def gaussian_blobs(
 
 
 def two_point(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Pack the two-point problem of 001 §2 (``x`` in class +1, ``y`` in class -1) as (X (2, d), [+1, -1])."""
+    """Pack the two-point problem of Nar et al. 2019b, §2 (``x`` in class +1, ``y`` in class -1) as (X (2, d), [+1, -1])."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
         raise ValueError(f"x and y must be 1-D vectors of the same length, got {a.shape} and {b.shape}")
@@ -811,7 +811,7 @@ def two_point(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.nd
 def affine_subspace_data(
     n: int, dim: int, subspace_dim: int, offset: float, gap: float, seed: int = 0, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Linearly separable data on an affine subspace (setting of 000 Thm 1 / 001 Thm 2).
+    """Linearly separable data on an affine subspace (setting of Nar et al. 2019a, Thm 1 / Nar et al. 2019b, Thm 2).
 
     Points are ``x = offset * v + U z`` with ``U`` (dim, subspace_dim) an orthonormal basis of the
     subspace's directions, ``v`` a unit vector orthogonal to it (so the subspace is at distance

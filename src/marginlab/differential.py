@@ -1,7 +1,7 @@
 """Differential training (chapter 4): the linear theory, the 2-D nonlinear picture and the CIFAR-10 experiment.
 
-Papers: 000 = Nar et al. 2019, *Cross-Entropy Loss and Low-Rank Features Have Responsibility for
-Adversarial Examples* (§4–5, Thm 2–3, eqs. 2, 4–7, Figs. 3–5); 001 = *Cross-Entropy Loss Leads To
+Papers: Nar et al. 2019a = Nar et al. 2019, *Cross-Entropy Loss and Low-Rank Features Have Responsibility for
+Adversarial Examples* (§4–5, Thm 2–3, eqs. 2, 4–7, Figs. 3–5); Nar et al. 2019b = *Cross-Entropy Loss Leads To
 Poor Margins* (Thm 5–6, the same statements with the negative class written as −y_j).
 
 Conventions: binary labels y ∈ {−1, +1} (+1 = class I, the "x_i"; −1 = class J, the "y_j");
@@ -51,7 +51,7 @@ def angle_deg(u: np.ndarray, v: np.ndarray) -> float:
 
 
 # ============================================================================================
-# Linear theory (000 §4.1, Thm 2–3, eq. 5; 001 Thm 5–6)
+# Linear theory (Nar et al. 2019a, §4.1, Thm 2–3, eq. 5; Nar et al. 2019b, Thm 5–6)
 # ============================================================================================
 
 
@@ -85,7 +85,7 @@ def linear_margin(w: np.ndarray, b: float, X: np.ndarray, y: np.ndarray) -> floa
 
 
 def eq5_bias(w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
-    """000 eq. 5: b̂ = −½ min_{i∈I} ⟨ŵ, x_i⟩ − ½ max_{j∈J} ⟨ŵ, y_j⟩ (001 eq. 8 with −y_j)."""
+    """Nar et al. 2019a, eq. 5: b̂ = −½ min_{i∈I} ⟨ŵ, x_i⟩ − ½ max_{j∈J} ⟨ŵ, y_j⟩ (Nar et al. 2019b, eq. 8 with −y_j)."""
     X, y = _check_binary(X, y)
     s = X @ np.asarray(w, dtype=np.float64)
     return differential_bias(torch.from_numpy(s[y == 1]), torch.from_numpy(s[y == -1]))
@@ -94,7 +94,7 @@ def eq5_bias(w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
 def pairwise_logistic_gd(X: np.ndarray, y: np.ndarray, steps: int, lr: float,
                          checkpoints: Sequence[int] = (), normalized: bool = False,
                          ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Gradient descent from w = 0 on the mean pairwise logistic loss, 000 eq. 2 / 001 eq. 5:
+    """Gradient descent from w = 0 on the mean pairwise logistic loss, Nar et al. 2019a, eq. 2 / Nar et al. 2019b, eq. 5:
     L(w) = 1/(|I||J|) Σ_i Σ_j log(1 + exp(−wᵀ(x_i − y_j))).
 
     The gradient −1/(|I||J|) Σ_ij σ(−m_ij)(x_i − y_j), m_ij = wᵀx_i − wᵀy_j, is formed from the
@@ -155,7 +155,7 @@ def logistic_gd_with_bias(X: np.ndarray, y: np.ndarray, steps: int, lr: float) -
 
 @dataclass
 class Theorem3Instance:
-    """Geometry of one instance for 000 Thm 3 / 001 Thm 6."""
+    """Geometry of one instance for Nar et al. 2019a, Thm 3 / Nar et al. 2019b, Thm 6."""
 
     gamma: float          # SVM hard margin γ (2γ = distance between the convex hulls)
     r_x: float            # diameter of class I
@@ -179,7 +179,7 @@ def _diameter(A: np.ndarray) -> float:
 
 def one_step_separates(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """For every pair (i, j): does one SGD step from w = 0 on pair (i, j) of eq. 2 separate the data
-    with the eq. 5 bias?  (000 App. D: the step gives ŵ ∝ x_i − y_j, and eq. 5 then satisfies
+    with the eq. 5 bias?  (Nar et al. 2019a, App. D: the step gives ŵ ∝ x_i − y_j, and eq. 5 then satisfies
     (4a)–(4b) iff min_{i'} ⟨x_{i'}, x_i − y_j⟩ ≥ max_{j'} ⟨y_{j'}, x_i − y_j⟩.)  Returns a |I|×|J| bool array."""
     X, y = _check_binary(X, y)
     P, N = X[y == 1], X[y == -1]
@@ -190,7 +190,7 @@ def one_step_separates(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def theorem3_instance(X: np.ndarray, y: np.ndarray) -> Theorem3Instance:
-    """Measure 000 Thm 3's quantities (γ from the SVM, R_x, R_y) and the one-step outcome."""
+    """Measure Nar et al. 2019a, Thm 3's quantities (γ from the SVM, R_x, R_y) and the one-step outcome."""
     X, y = _check_binary(X, y)
     w, b = svm(X, y)
     gamma = 1.0 / float(np.linalg.norm(w))
@@ -239,7 +239,7 @@ def theorem3_sweep(ratios: Sequence[float], n_instances: int, *, n_pos: int = 6,
 
 def linear_experiment(X: np.ndarray, y: np.ndarray, steps: int, lr: float,
                       checkpoints: Sequence[int]) -> dict[str, Any]:
-    """000 Thm 2 + eq. 5: angle between the differential-GD iterate and the SVM direction over
+    """Nar et al. 2019a, Thm 2 + eq. 5: angle between the differential-GD iterate and the SVM direction over
     iterations, margin with the eq. 5 bias, and the CE (logistic with bias) baseline's margin."""
     X, y = _check_binary(X, y)
     w_svm, b_svm = svm(X, y)
@@ -268,7 +268,7 @@ def _check_counts(**counts: int) -> None:
 
 
 def imbalanced_gaussians(n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """001 Fig. 2's two Gaussian classes (means (2, 12) and (40, 50), variance 25) with unequal sizes
+    """Nar et al. 2019b, Fig. 2's two Gaussian classes (means (2, 12) and (40, 50), variance 25) with unequal sizes
     (both classes present: ``n_pos``, ``n_neg`` ≥ 1)."""
     _check_counts(n_pos=n_pos, n_neg=n_neg)
     rng = np.random.default_rng(seed)
@@ -278,7 +278,7 @@ def imbalanced_gaussians(n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndar
 
 
 # ============================================================================================
-# Networks: the eq. 5 bias, score models, pair usage (000 §4.2, §5)
+# Networks: the eq. 5 bias, score models, pair usage (Nar et al. 2019a, §4.2, §5)
 # ============================================================================================
 
 
@@ -322,7 +322,7 @@ def _positive_mask(y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def set_eq5_bias(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  device: str | torch.device | None = None) -> float:
-    """Shift the score's bias (the head bias of the one-output model) by b̂ of 000 eq. 5, computed on the
+    """Shift the score's bias (the head bias of the one-output model) by b̂ of Nar et al. 2019a, eq. 5, computed on the
     training scores: the boundary then lies midway between min_i f(x_i) and max_j f(y_j), the paper's
     choice after differential training (the loss is blind to the bias: it cancels in every pair).
     Modifies ``model`` in place and returns b̂."""
@@ -339,7 +339,7 @@ def set_eq5_bias(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def pair_usage(y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> dict[str, list[float]]:
     """Which of the |I|×|J| pairs differential training with ``fit(sampler="balanced", seed=seed)`` formed,
     epoch by epoch: the trainer's balanced batch order is replayed exactly (same generator), every batch
-    contributing its (B/2)² broadcast pairs (000 §4.1 item 2: "only a few percent of |I|×|J| pairs").
+    contributing its (B/2)² broadcast pairs (Nar et al. 2019a, §4.1 item 2: "only a few percent of |I|×|J| pairs").
 
     Returns per epoch (0..epochs): ``evaluations`` (pair-loss terms computed / |I||J|, with repeats) and
     ``distinct`` (fraction of distinct pairs ever formed).
@@ -375,7 +375,7 @@ def pair_usage(y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> 
 
 
 # ============================================================================================
-# 2-D nonlinear picture (000 §4.2, Fig. 3)
+# 2-D nonlinear picture (Nar et al. 2019a, §4.2, Fig. 3)
 # ============================================================================================
 
 
@@ -422,7 +422,7 @@ def boundary_distances(score_fn: Callable[[np.ndarray], np.ndarray], X: np.ndarr
 def train_2d(loss: str, X: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 3000,
              lr: float = 0.05, seed: int = 0, cache: str | None = None) -> nn.Module:
     """A two-layer ReLU net (one score) trained full-batch with ``loss`` in "ce" | "eq6" | "eq7"
-    (000 Fig. 3); differential models get the eq. 5 bias. Returns BinaryLogits(score net) on the CPU."""
+    (Nar et al. 2019a, Fig. 3); differential models get the eq. 5 bias. Returns BinaryLogits(score net) on the CPU."""
     from . import losses
     from .models import BinaryLogits, TwoLayerNet
 
@@ -458,13 +458,13 @@ def score_fn_np(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
 
 # ============================================================================================
-# CIFAR-10 airplane vs horse (000 §5, Figs. 4-5)
+# CIFAR-10 airplane vs horse (Nar et al. 2019a, §5, Figs. 4-5)
 # ============================================================================================
 
 
 @dataclass
 class CifarConfig:
-    """Sizes and settings of the CIFAR-10 experiment. 000 §5 states only: planes vs horses, a four-layer
+    """Sizes and settings of the CIFAR-10 experiment. Nar et al. 2019a, §5 states only: planes vs horses, a four-layer
     CNN, both models trained to zero training error, PGD and CW from Foolbox. Optimiser, learning rate,
     epochs and attack budgets are not given: ours. ``match_zero_error``: eq. 7 is stopped at its first
     epoch with zero training error (eq. 5 bias), as cross-entropy is, so both are compared at matched
@@ -522,7 +522,7 @@ def cifar_config() -> CifarConfig:
 
 
 def load_airplane_horse(n_train: int, n_test: int, root=None) -> dict[str, torch.Tensor]:
-    """CIFAR-10 airplane (+1) vs horse (−1), the first n images of each split (000 §5)."""
+    """CIFAR-10 airplane (+1) vs horse (−1), the first n images of each split (Nar et al. 2019a, §5)."""
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         out[f"x_{split}"], out[f"y_{split}"] = airplane_horse(split, n, root=root)
@@ -819,7 +819,7 @@ def attack_table(cfg: CifarConfig) -> list[dict[str, Any]]:
 
 
 def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
-    """000 §5: train CE and eq7 models, then clean accuracy, Linf robustness curves on training and
+    """Nar et al. 2019a, §5: train CE and eq7 models, then clean accuracy, Linf robustness curves on training and
     test images (Fig. 4), minimal L2 distances on test images (Fig. 5, CW + DeepFool), the unbounded
     sanity attack, and the fraction of pairs used. DESIGN §6 rules are asserted."""
     from . import attacks
@@ -869,7 +869,7 @@ def cifar_experiment(cfg: CifarConfig | None = None, device: str | torch.device 
 
 def pairs_to_match(history, pairs: dict[str, list[float]], target_acc: float, tol: float = 0.01) -> float | None:
     """Fraction of distinct pairs formed by the first epoch whose test accuracy is within ``tol`` of
-    ``target_acc`` (000 §4.1: "a few percent of |I|×|J| pairs"); None if never reached."""
+    ``target_acc`` (Nar et al. 2019a, §4.1: "a few percent of |I|×|J| pairs"); None if never reached."""
     acc = history.column("test_acc")
     for epoch, a in enumerate(acc):
         if epoch > 0 and a >= target_acc - tol:

@@ -1,6 +1,6 @@
-"""Spectra of learned representations: PCA explained variance and effective rank (000 §3, Fig. 2; 001 Fig. 3).
+"""Spectra of learned representations: PCA explained variance and effective rank (Nar et al. 2019a, §3, Fig. 2; Nar et al. 2019b, Fig. 3).
 
-000 Prop. 1 / App. B argue that cross-entropy training drives the penultimate features toward low rank; the
+Nar et al. 2019a, Prop. 1 / App. B argue that cross-entropy training drives the penultimate features toward low rank; the
 chapter measures it by the cumulative explained variance of the (centred) training features and, beyond the
 paper, by the effective rank of Roy & Vetterli (2007). All spectra are computed in float64 on the CPU.
 """
@@ -40,7 +40,7 @@ def singular_values(F: Any, centered: bool = True) -> np.ndarray:
 
 def explained_variance(F: Any) -> np.ndarray:
     """Cumulative explained-variance ratio of PCA on features F (N, d): entry k-1 is the share of the total
-    variance captured by the top k principal components (000 Fig. 2). Length min(N, d); ends at 1.
+    variance captured by the top k principal components (Nar et al. 2019a, Fig. 2). Length min(N, d); ends at 1.
 
     PCA = SVD of the column-centred matrix; component variances are the squared singular values.
     Raises ``ValueError`` when the features have zero variance (every example has the same features).
@@ -55,7 +55,7 @@ def explained_variance(F: Any) -> np.ndarray:
 
 
 def components_for(F_or_cumulative: Any, level: float = 0.99, tol: float = 1e-9) -> int:
-    """Smallest k with cumulative explained variance ≥ ``level`` (000 Fig. 2: 'rank 2', '≤ 20 of 84').
+    """Smallest k with cumulative explained variance ≥ ``level`` (Nar et al. 2019a, Fig. 2: 'rank 2', '≤ 20 of 84').
 
     Accepts the features (N, d) or an already computed cumulative curve (1-D). ``tol`` absorbs rounding, so
     that exactly rank-r data give k = r at level 1.0.

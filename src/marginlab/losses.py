@@ -17,7 +17,7 @@ def cross_entropy(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch
 
 def binary_logistic(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """Mean logistic loss log(1 + exp(-y s(x))) of a one-score model s (output (B,) or (B, 1)), labels y = ±1
-    (001 eq. 1, 003 §4). Equals :func:`cross_entropy` on ``BinaryLogits(model)`` with labels mapped -1 -> 0."""
+    (Nar et al. 2019b, eq. 1, Wu & Yu 2019, §4). Equals :func:`cross_entropy` on ``BinaryLogits(model)`` with labels mapped -1 -> 0."""
     s = model(xb)
     if s.dim() == 2 and s.shape[1] == 1:
         s = s[:, 0]
@@ -31,7 +31,7 @@ def binary_logistic(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tor
 
 
 def binary_scores(model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-    """One real score f(x) per example, computed once per batch (000 §4.2: f = wᵀφ_θ(x) + b).
+    """One real score f(x) per example, computed once per batch (Nar et al. 2019a, §4.2: f = wᵀφ_θ(x) + b).
 
     A model with one output gives that output; a two-logit model (e.g. ``BinaryLogits``, or a
     2-class head trained for comparison) gives ``logit[1] − logit[0]``, whose sign is its decision.
@@ -77,7 +77,7 @@ def pair_differences(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> to
 
     Each image's score is computed once (one forward pass over the batch), so a differential epoch
     costs one forward/backward per image, like cross-entropy. A bias in f cancels in the differences,
-    which therefore equal wᵀ(φ(x_i) − φ(y_j)) as in 000 eqs. 6–7.
+    which therefore equal wᵀ(φ(x_i) − φ(y_j)) as in Nar et al. 2019a, eqs. 6–7.
     """
     if xb.shape[0] != yb.shape[0]:
         raise ValueError(f"{xb.shape[0]} inputs but {yb.shape[0]} labels")
@@ -96,20 +96,20 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def pairwise_logistic_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
                            reduction: str = "mean") -> torch.Tensor:
-    """Differential logistic loss over the batch's pairs, 000 eq. 2 (linear) / eq. 6 (features):
+    """Differential logistic loss over the batch's pairs, Nar et al. 2019a, eq. 2 (linear) / eq. 6 (features):
     Σ_{i∈I_b} Σ_{j∈J_b} log(1 + exp(−(f(x_i) − f(y_j)))); ``reduction="mean"`` divides by |I_b||J_b|."""
     return _reduce(F.softplus(-pair_differences(model, xb, yb)), reduction)
 
 
 def squared_differential_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
                               reduction: str = "mean") -> torch.Tensor:
-    """Squared differential loss, 000 eq. 7: Σ_{i∈I_b} Σ_{j∈J_b} (wᵀφ(x_i) − wᵀφ(y_j) − 1)²
+    """Squared differential loss, Nar et al. 2019a, eq. 7: Σ_{i∈I_b} Σ_{j∈J_b} (wᵀφ(x_i) − wᵀφ(y_j) − 1)²
     with f(x) = wᵀφ(x) (+ a bias, which cancels); ``reduction="mean"`` divides by |I_b||J_b|."""
     return _reduce((pair_differences(model, xb, yb) - 1.0) ** 2, reduction)
 
 
 def differential_bias(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:
-    """Bias of 000 eq. 5 for scores s = ⟨ŵ, ·⟩ without bias: b̂ = −½ min_i s(x_i) − ½ max_j s(y_j).
+    """Bias of Nar et al. 2019a, eq. 5 for scores s = ⟨ŵ, ·⟩ without bias: b̂ = −½ min_i s(x_i) − ½ max_j s(y_j).
 
     It puts the boundary midway between the two classes' extreme scores on the training set (the
     largest hard margin along ŵ); it separates them (4a–4b) iff min_i s(x_i) ≥ max_j s(y_j).
@@ -127,7 +127,7 @@ def differential_bias(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> flo
 
 def simplex_gram(num_classes: int, s: float = 1.0, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """The target Gram matrix Σ of 002 eq. (3.7): s² on the diagonal, s²/(1−K) off it."""
+    """The target Gram matrix Σ of Xu et al. 2020, eq. (3.7): s² on the diagonal, s²/(1−K) off it."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if not s > 0:
@@ -138,7 +138,7 @@ def simplex_gram(num_classes: int, s: float = 1.0, *, dtype: torch.dtype = torch
 
 
 def angular_penalty(weight: torch.Tensor, s: float = 0.1) -> torch.Tensor:
-    """‖W Wᵀ − Σ‖_F of 002 eq. (3.8): the Frobenius norm itself, not its square (as in the authors' code).
+    """‖W Wᵀ − Σ‖_F of Xu et al. 2020, eq. (3.8): the Frobenius norm itself, not its square (as in the authors' code).
 
     ``weight`` is the (K, P) weight of the classification layer (rows = class vectors w_i).
     """
@@ -149,10 +149,10 @@ def angular_penalty(weight: torch.Tensor, s: float = 0.1) -> torch.Tensor:
 
 
 def angular_penalty_loss(alpha: float = 100.0, s: float = 0.1):
-    """Factory for 002 eq. (3.8): softmax CE + α‖W Wᵀ − Σ‖_F, W = ``model.head.weight``.
+    """Factory for Xu et al. 2020, eq. (3.8): softmax CE + α‖W Wᵀ − Σ‖_F, W = ``model.head.weight``.
 
     s is the common length of the class vectors w_i, so it sets the scale of the logits W f(x)
-    (with tanh features, |logit| ≤ s·√P). The head should be bias-free (002 §3.1 sets b = 0).
+    (with tanh features, |logit| ≤ s·√P). The head should be bias-free (Xu et al. 2020, §3.1 sets b = 0).
     """
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
@@ -226,7 +226,7 @@ def _check_int_labels(logits: torch.Tensor, yb: torch.Tensor) -> None:
 
 
 def feature_margins(logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """Per-example feature-space margin min_{k≠y} (w_y − w_k)ᵀΦ(x) (003 eq. 4, second term).
+    """Per-example feature-space margin min_{k≠y} (w_y − w_k)ᵀΦ(x) (Wu & Yu 2019, eq. 4, second term).
 
     With logits z = W_L Φ(x) (+ b) this is z_y − max_{k≠y} z_k; a head bias adds b_y − b_k,
     the natural extension of the paper's bias-free f(x) = W_L σ(...).
@@ -238,7 +238,7 @@ def feature_margins(logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
 
 
 def orthogonality_penalty(module: nn.Module) -> torch.Tensor:
-    """Σ_l ‖W_l W_lᵀ − I‖_F² over every Linear/Conv weight (003 eq. 4, third term; Cisse et al. 2017).
+    """Σ_l ‖W_l W_lᵀ − I‖_F² over every Linear/Conv weight (Wu & Yu 2019, eq. 4, third term; Cisse et al. 2017).
 
     Conv kernels are flattened to (out, in·k·k) as in Parseval networks. The Gram matrix is taken
     on the smaller side, so the penalty is zero exactly for W with orthonormal rows (out ≤ in) or
@@ -274,7 +274,7 @@ def parseval_retract(module: nn.Module, beta: float) -> None:
 
 
 def amr_loss(lam: float = 0.1, tau: float = 5.0, beta: float = 1e-3, normalize: bool = False):
-    """Average-margin regulariser (003 eq. 4) as a ``loss_fn(model, xb, yb)`` factory:
+    """Average-margin regulariser (Wu & Yu 2019, eq. 4) as a ``loss_fn(model, xb, yb)`` factory:
 
         mean_i CE(f(x_i), y_i) − λ · mean_i min{τ, min_{k≠y_i} (w_{y_i} − w_k)ᵀΦ(x_i)}
                                + β · Σ_l ‖W_l W_lᵀ − I‖_F².
@@ -309,8 +309,8 @@ def amr_loss(lam: float = 0.1, tau: float = 5.0, beta: float = 1e-3, normalize: 
 
 
 def parseval_loss(beta: float = 1e-2):
-    """Lipschitz-constant regularisation (LCR, Cisse et al. 2017 as used in 003 Table 1) in penalty form:
-    mean CE + β Σ_l ‖W_l W_lᵀ − I‖_F² (003 App. A: β = 1e-2). A ``loss_fn(model, xb, yb)`` factory.
+    """Lipschitz-constant regularisation (LCR, Cisse et al. 2017 as used in Wu & Yu 2019, Table 1) in penalty form:
+    mean CE + β Σ_l ‖W_l W_lᵀ − I‖_F² (Wu & Yu 2019, App. A: β = 1e-2). A ``loss_fn(model, xb, yb)`` factory.
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")

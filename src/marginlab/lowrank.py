@@ -2,16 +2,16 @@
 
 Two parts:
 
-* **Proposition 1 of 000** (Nar et al. 2019, §3 and App. B), exactly: a network
+* **Proposition 1 of Nar et al. 2019a** (§3 and App. B), exactly: a network
   ``score = head(φ(x))`` whose penultimate layer ends with a linear map,
   ``φ(x) = W h(x)``, trained by gradient descent on cross-entropy from
   ``W(0) = 0``, keeps ``rank{φ(x_i)} ≤ 1`` at every step (binary logistic loss,
-  000 Prop. 1 / eq. 11). The same argument gives ``rank ≤ K − 1`` for a
+  Nar et al. 2019a, Prop. 1 / eq. 11). The same argument gives ``rank ≤ K − 1`` for a
   ``K``-class softmax head (our extension, proved in the chapter), momentum
   included; with ``tanh`` before ``W`` and a random ``W(0)`` the ratio
-  ``σ₂/σ₁`` of the feature matrix only *decays* (000 App. B, a heuristic
+  ``σ₂/σ₁`` of the feature matrix only *decays* (Nar et al. 2019a, App. B, a heuristic
   argument, not a theorem): :func:`feature_rank_dynamics` records it.
-* **The CIFAR-10 airplane-vs-horse experiment** (000 Fig. 2, 001 Fig. 3): a
+* **The CIFAR-10 airplane-vs-horse experiment** (Nar et al. 2019a, Fig. 2, Nar et al. 2019b, Fig. 3): a
   LeNet-style CNN trained with SGD+momentum, Adam and SGD+BatchNorm; PCA
   spectrum, components for a variance level and effective rank of its 84-d
   penultimate features (:func:`spectrum`, :func:`rank_callback`), and the
@@ -138,7 +138,7 @@ def signed_labels(y: torch.Tensor) -> torch.Tensor:
 
 
 def prop1_rank_bound(loss: str, num_classes: int = 2) -> int:
-    """Rank bound on {φ(x_i)} when W(0) = 0: 1 for the binary logistic loss (000 Prop. 1),
+    """Rank bound on {φ(x_i)} when W(0) = 0: 1 for the binary logistic loss (Nar et al. 2019a, Prop. 1),
     K − 1 for a K-class softmax head (our extension: the updates of W stay in the span
     of the head's row differences)."""
     if loss == "logistic":
@@ -168,7 +168,7 @@ def feature_rank_dynamics(
 ) -> SpectrumTrace:
     """Full-batch training of ``score = head(W h(x))`` on cross-entropy; singular values of Φ = H Wᵀ per step.
 
-    000 Prop. 1 (and App. B eq. 11): ``h(x) = act(A x / √d)`` with ``A`` random
+    Nar et al. 2019a, Prop. 1 (and App. B eq. 11): ``h(x) = act(A x / √d)`` with ``A`` random
     (fixed unless ``train_h``), ``W`` of shape (features, width) initialised to
     zero (``init="zero"``, the proposition) or Gaussian with std
     ``init_scale/√width`` (``init="normal"``, App. B). ``loss="logistic"``:
@@ -261,7 +261,7 @@ def max_excess_ratio(trace: SpectrumTrace, rank: int) -> float:
 
 
 def check_prop1(trace: SpectrumTrace, rtol: float = 1e-10) -> float:
-    """Assert 000 Prop. 1 on a trace from ``init="zero"`` with GD or momentum: σ_{b+1}/σ_1 ≤ rtol at every step,
+    """Assert Nar et al. 2019a, Prop. 1 on a trace from ``init="zero"`` with GD or momentum: σ_{b+1}/σ_1 ≤ rtol at every step,
     b = :func:`prop1_rank_bound`. Returns the worst ratio."""
     s = trace.settings
     if s.get("init") != "zero" or s.get("optimizer") == "adam":
@@ -300,7 +300,7 @@ def log_steps(steps: int, points: int = 60) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Spectra of learned features (000 Fig. 2, 001 Fig. 3)
+# Spectra of learned features (Nar et al. 2019a, Fig. 2, Nar et al. 2019b, Fig. 3)
 # ---------------------------------------------------------------------------------------------
 
 LEVELS = (0.9, 0.99, 0.999)
@@ -308,7 +308,7 @@ LEVELS = (0.9, 0.99, 0.999)
 
 def spectrum(F_: torch.Tensor | np.ndarray, levels: Sequence[float] = LEVELS) -> dict[str, Any]:
     """PCA spectrum of a feature matrix (n, p): cumulative explained variance, components for each level and
-    effective rank, via ``marginlab.features`` (000 Fig. 2; 001 Fig. 3; Roy & Vetterli 2007)."""
+    effective rank, via ``marginlab.features`` (Nar et al. 2019a, Fig. 2; Nar et al. 2019b, Fig. 3; Roy & Vetterli 2007)."""
     from . import features as mf
 
     cum = np.asarray(mf.explained_variance(F_), dtype=float)
@@ -324,7 +324,7 @@ def spectrum(F_: torch.Tensor | np.ndarray, levels: Sequence[float] = LEVELS) ->
 # CIFAR-10 airplane vs horse: LeNet with three optimisers
 # ---------------------------------------------------------------------------------------------
 
-# 000 and 001 give no optimiser hyper-parameters (lr, momentum, batch size, epochs); these are
+# Nar et al. 2019a and Nar et al. 2019b give no optimiser hyper-parameters (lr, momentum, batch size, epochs); these are
 # conventional choices for a LeNet on CIFAR-10 (SGD lr 0.01 with momentum 0.9; Adam's default 1e-3; plain
 # SGD needs a larger step), stated in the chapter, which trains each to zero training error.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -335,8 +335,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def binary_cifar(split: str = "train", root=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 airplane vs horse (000 §3 and §5; 001 §5): images in [0,1], labels as class indices
-    {0 = airplane, 1 = horse} for the 2-logit soft-max head of 001 Fig. 3 (horse is the +1 class of
+    """CIFAR-10 airplane vs horse (Nar et al. 2019a, §3 and §5; Nar et al. 2019b, §5): images in [0,1], labels as class indices
+    {0 = airplane, 1 = horse} for the 2-logit soft-max head of Nar et al. 2019b, Fig. 3 (horse is the +1 class of
     ``binary_subset``)."""
     from . import data
 

@@ -1,6 +1,6 @@
-"""Input-space margins: exact for linear models, bounded for networks (003 §2, §4.1).
+"""Input-space margins: exact for linear models, bounded for networks (Wu & Yu 2019, §2, §4.1).
 
-Signed individual margin (003 §2): m(x, y) = sign(ŷ = y) · d(x, bd F_ŷ), the distance from x to
+Signed individual margin (Wu & Yu 2019, §2): m(x, y) = sign(ŷ = y) · d(x, bd F_ŷ), the distance from x to
 the boundary of its *predicted* region, positive when the prediction is right and negative when
 it is wrong. Every function here follows that definition, so for a correctly classified point
 
@@ -42,7 +42,7 @@ def _as_f64(a: Any, name: str) -> torch.Tensor:
 
 
 def linear_margins(w: Any, b: Any, x: Any, y: Any) -> np.ndarray | torch.Tensor:
-    """Exact signed input-space margins of a linear classifier, in float64 (003 §2; 000 §3).
+    """Exact signed input-space margins of a linear classifier, in float64 (Wu & Yu 2019, §2; Nar et al. 2019a, §3).
 
     Binary (w of shape (d,) or (1, d), scalar b, y in {-1, +1}): m_i = y_i (w·x_i + b) / ||w||_2.
     Multiclass (w of shape (K, d), b of shape (K,) or None, y class indices): with prediction ŷ,
@@ -115,7 +115,7 @@ def _multiclass_margins(W: torch.Tensor, b: Any, X: torch.Tensor, y: Any) -> tor
 
 
 def min_average(m: Any) -> tuple[float, float]:
-    """(minimum margin, average margin) of signed individual margins (003 §2)."""
+    """(minimum margin, average margin) of signed individual margins (Wu & Yu 2019, §2)."""
     t = _as_f64(m, "m").reshape(-1)
     if t.numel() == 0:
         raise ValueError("no margins given")
@@ -322,13 +322,13 @@ def lipschitz_lower_bound(
     norm: str = "l2",
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Signed Lipschitz lower bound on the margin (003 Thm 2 = Hein & Andriushchenko 2017 Thm 2.1).
+    """Signed Lipschitz lower bound on the margin (Wu & Yu 2019, Thm 2 = Hein & Andriushchenko 2017 Thm 2.1).
 
     With ŷ = argmax f(x) and g_j = f_ŷ - f_j, d(x, bd F_ŷ) >= min_{j != ŷ} min(g_j(x) / L_j, r),
-    L_j the Lipschitz constant of g_j on B(x, r) (dual norm of the gradient). As in 003 §4.1, L_j
+    L_j the Lipschitz constant of g_j on B(x, r) (dual norm of the gradient). As in Wu & Yu 2019, §4.1, L_j
     is estimated by the largest gradient norm over ``n_samples`` points drawn uniformly in the ball
     (x itself included), so the bound is an estimate, exact for a linear model. The result is
-    signed like the margin: positive if ŷ = y, negative if not (003 §2).
+    signed like the margin: positive if ŷ = y, negative if not (Wu & Yu 2019, §2).
 
     Device boundary: everything runs on the model's device (``device`` overrides) in the model's dtype —
     the samples are drawn there from a seeded device generator, in blocks of :data:`SAMPLE_BLOCK` rows,
@@ -402,10 +402,10 @@ def upper_bound(
     batch_size: int = 1024,
     **kw: dict[str, Any],
 ) -> torch.Tensor:
-    """Signed minimal-perturbation upper bound on the margin (beyond 003: attacks instead of bounds).
+    """Signed minimal-perturbation upper bound on the margin (beyond Wu & Yu 2019: attacks instead of bounds).
 
     The smallest distortion found by ``attacks.minimal_perturbation`` that changes the model's
-    *prediction* ŷ (so misclassified points get a finite distance too), signed like 003's margin:
+    *prediction* ŷ (so misclassified points get a finite distance too), signed like Wu & Yu 2019's margin:
     + if ŷ = y, - otherwise. inf where no attack succeeded. Options per method as in
     ``minimal_perturbation`` (e.g. ``cw=dict(steps=200)``).
 

@@ -1,15 +1,15 @@
 """The networks of the book. Every model exposes ``.features(x)`` (the penultimate representation)
 and ``.head`` (the final linear layer), and ``forward(x) == head(features(x))``, so that losses on
-features (002's angular penalty, 000's low-rank analysis) and attacks on logits use one object.
+features (Xu et al. 2020's angular penalty, Nar et al. 2019a's low-rank analysis) and attacks on logits use one object.
 
-* :class:`LeNet` — the 4-layer CNN of 000 §3 / Fig. 2 (conv 6 → conv 16 → fc 120 → fc 84 → output,
+* :class:`LeNet` — the 4-layer CNN of Nar et al. 2019a, §3 / Fig. 2 (conv 6 → conv 16 → fc 120 → fc 84 → output,
   He initialisation), 84-d features.
-* :class:`CWNet` — the small CNNs of Carlini & Wagner (2017) used by 002 (Tables 4-5):
+* :class:`CWNet` — the small CNNs of Carlini & Wagner (2017) used by Xu et al. 2020 (Tables 4-5):
   MNIST 32-32-64-64 → 200 → 200, CIFAR 64-64-128-128 → 256 → 256, 3×3 convolutions.
-* :class:`MLP`, :class:`TwoLayerNet`, :class:`LinearModel` — 003 §5 (LR, 1-hidden-layer MLP) and the
-  2-D experiments of 000 Fig. 3.
+* :class:`MLP`, :class:`TwoLayerNet`, :class:`LinearModel` — Wu & Yu 2019, §5 (LR, 1-hidden-layer MLP) and the
+  2-D experiments of Nar et al. 2019a, Fig. 3.
 * :class:`WideResNet` — WRN-d-k of Zagoruyko & Komodakis (2016); :func:`wrn34_10` is the WRN-34-10 of
-  Madry et al. (2018), TRADES and 002's Table 2 (CIFAR), 640-d features.
+  Madry et al. (2018), TRADES and Xu et al. 2020's Table 2 (CIFAR), 640-d features.
 * :class:`BinaryLogits` — wraps a one-score model ``s(x)`` into two logits ``[0, s]`` (class 1 ⇔ s > 0),
   the attack convention of DESIGN §2.
 
@@ -122,7 +122,7 @@ def _fc_block(d_in: int, d_out: int, batchnorm: bool, act: str | None) -> list[n
 
 
 class LeNet(Net):
-    """LeNet-style 4-layer CNN of 000 §3 (Fig. 2) and §5 (Fig. 4-5).
+    """LeNet-style 4-layer CNN of Nar et al. 2019a, §3 (Fig. 2) and §5 (Fig. 4-5).
 
     conv(6, 5×5) → ReLU → maxpool 2 → conv(16, 5×5) → ReLU → maxpool 2 → fc 120 → ReLU → fc 84 → ReLU
     (= ``features``, 84-d) → ``head`` = Linear(84, num_classes). He init. With ``batchnorm=True`` a
@@ -152,14 +152,14 @@ class LeNet(Net):
 
 
 class CWNet(Net):
-    """The small CNNs of Carlini & Wagner (2017), the architectures of 002's Tables 4 (MNIST) and 5 (CIFAR-10).
+    """The small CNNs of Carlini & Wagner (2017), the architectures of Xu et al. 2020's Tables 4 (MNIST) and 5 (CIFAR-10).
 
     MNIST (1×28×28): conv32-conv32-pool-conv64-conv64-pool-fc200-fc200; CIFAR (3×32×32):
     conv64-conv64-pool-conv128-conv128-pool-fc256-fc256; 3×3 unpadded convolutions, 2×2 max pools.
-    ``batchnorm`` adds BatchNorm after every conv/fc (002 adds BN). ``activation`` is used in the hidden
+    ``batchnorm`` adds BatchNorm after every conv/fc (Xu et al. 2020 adds BN). ``activation`` is used in the hidden
     layers; ``feature_activation`` is applied to the last hidden layer, whose output is ``features``
-    (002 §4 uses tanh there so that the angular penalty sees bounded features). ``head_bias=False``
-    gives 002's bias-free last layer. ``dropout`` (C&W used 0.5) follows the first fc layer only.
+    (Xu et al. 2020, §4 uses tanh there so that the angular penalty sees bounded features). ``head_bias=False``
+    gives Xu et al. 2020's bias-free last layer. ``dropout`` (C&W used 0.5) follows the first fc layer only.
     """
 
     SPECS = {
@@ -252,11 +252,11 @@ class WideResNet(Net):
     pre-activation basic blocks of widths 16k, 32k, 64k (strides 1, 2, 2) → BN → ReLU → 8×8 average pool
     = ``features`` (64k-d; 640 for k = 10) → ``head`` = Linear(64k, num_classes).
 
-    The layout of the WRN-34-10 used by Madry et al. 2018, TRADES (Zhang et al. 2019), MART and 002 §4.1
+    The layout of the WRN-34-10 used by Madry et al. 2018, TRADES (Zhang et al. 2019), MART and Xu et al. 2020, §4.1
     (Table 2; 46.2 M parameters for 10 classes). He init (fan_out) for the convolutions as in the original
-    code, BN weight 1 / bias 0, zero head bias. ``normalize=(mean, std)`` puts a :class:`Normalize` first (002
+    code, BN weight 1 / bias 0, zero head bias. ``normalize=(mean, std)`` puts a :class:`Normalize` first (Xu et al. 2020
     normalises its inputs; the model still takes [0, 1]). ``feature_activation`` is applied to the pooled
-    features (002 uses tanh before its bias-free last layer: ``head_bias=False``).
+    features (Xu et al. 2020 uses tanh before its bias-free last layer: ``head_bias=False``).
     """
 
     def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3,
@@ -306,7 +306,7 @@ class WideResNet(Net):
 
 
 def wrn34_10(num_classes: int = 10, **kw) -> WideResNet:
-    """WRN-34-10 (Zagoruyko & Komodakis 2016), the network of 002's Tables 2-3 (CIFAR-10, CIFAR-100)."""
+    """WRN-34-10 (Zagoruyko & Komodakis 2016), the network of Xu et al. 2020's Tables 2-3 (CIFAR-10, CIFAR-100)."""
     return WideResNet(depth=34, widen_factor=10, num_classes=num_classes, **kw)
 
 
@@ -331,7 +331,7 @@ def _flatten(x: torch.Tensor, d: int, name: str) -> torch.Tensor:
 
 
 class MLP(Net):
-    """Fully connected net (003 §5: one hidden layer of 1024). Flattens its input; ``features`` is the last
+    """Fully connected net (Wu & Yu 2019, §5: one hidden layer of 1024). Flattens its input; ``features`` is the last
     hidden layer's output (the flattened input when ``hidden=()``)."""
 
     def __init__(self, in_dim: int | Sequence[int], hidden: int | Sequence[int] = (1024,), num_classes: int = 10,
@@ -354,7 +354,7 @@ class MLP(Net):
 
 
 class TwoLayerNet(Net):
-    """x ↦ head(act(W₁x + b₁)): the two-layer net of 000 §4 (Fig. 3) in 2-D. Output (N, out_dim)."""
+    """x ↦ head(act(W₁x + b₁)): the two-layer net of Nar et al. 2019a, §4 (Fig. 3) in 2-D. Output (N, out_dim)."""
 
     def __init__(self, in_dim: int = 2, hidden: int = 64, out_dim: int = 1, activation: str = "relu"):
         super().__init__()
@@ -370,8 +370,8 @@ class TwoLayerNet(Net):
 
 
 class LinearModel(Net):
-    """A linear classifier on flattened inputs (003 §4: logistic regression). ``features`` = flatten.
-    ``num_classes=1`` gives a single score; ``zero_init=True`` starts from w = 0, b = 0 (GD from zero, 001/003)."""
+    """A linear classifier on flattened inputs (Wu & Yu 2019, §4: logistic regression). ``features`` = flatten.
+    ``num_classes=1`` gives a single score; ``zero_init=True`` starts from w = 0, b = 0 (GD from zero, Nar et al. 2019b; Wu & Yu 2019)."""
 
     def __init__(self, in_dim: int | Sequence[int], num_classes: int = 10, bias: bool = True, zero_init: bool = False):
         super().__init__()

@@ -78,7 +78,7 @@ def decision_boundary_2d(ax, score_fn, X, y, *, lim=None, levels=(0.0,), n=300, 
 
 
 def log_time_errors(ax, t, errors: dict[str, np.ndarray], *, reference: bool = True, ylabel="relative error"):
-    """Errors vs time on log-log axes (001 Thm 1: ||w̃(t)/log t − limit|| decays like 1/log t).
+    """Errors vs time on log-log axes (Nar et al. 2019b, Thm 1: ||w̃(t)/log t − limit|| decays like 1/log t).
 
     With ``reference`` a dotted C/log t curve is fitted to the last point of each curve."""
     t = np.asarray(t, dtype=float)
@@ -121,7 +121,7 @@ def linear_boundaries(ax, X, y, boundaries: dict[str, tuple], *, lim=None, style
 
 
 def confidence_map(ax, w, b, lim, X=None, y=None, *, n=200, title=None):
-    """Image of the confidence σ(|w·x + b|) of a linear classifier over a 2-D box (001 Remark 2)."""
+    """Image of the confidence σ(|w·x + b|) of a linear classifier over a 2-D box (Nar et al. 2019b, Remark 2)."""
     gx, gy = np.meshgrid(np.linspace(lim[0], lim[1], n), np.linspace(lim[2], lim[3], n))
     s = np.c_[gx.ravel(), gy.ravel()] @ np.asarray(w, dtype=float).ravel() + float(b)
     conf = 1.0 / (1.0 + np.exp(-np.abs(s)))
@@ -180,7 +180,7 @@ def curves_over_epochs(ax, curves: dict, *, ylabel: str, marks: dict | None = No
 
 
 def train_test_robustness(ax, epsilons, curves_train: dict, curves_test: dict, *, scale=255, title=None):
-    """000 Fig. 4 layout: accuracy vs eps, solid = adversarials from training images, dashed = from test
+    """Nar et al. 2019a, Fig. 4 layout: accuracy vs eps, solid = adversarials from training images, dashed = from test
     images; one colour per model (``curves_*``: {model label: accuracies})."""
     for k, label in enumerate(curves_train):
         color = f"C{k}"
@@ -199,7 +199,7 @@ def train_test_robustness(ax, epsilons, curves_train: dict, curves_test: dict, *
 
 
 def one_step_vs_ratio(ax, ratios, success, *, threshold=5.0, title=None):
-    """000 Thm 3: whether one SGD step separated each random instance, against its 2γ/max(R_x, R_y)."""
+    """Nar et al. 2019a, Thm 3: whether one SGD step separated each random instance, against its 2γ/max(R_x, R_y)."""
     r, s = np.asarray(ratios, float), np.asarray(success, float)
     jitter = np.random.default_rng(0).uniform(-0.03, 0.03, s.size)
     ax.scatter(r, s + jitter, s=8, alpha=0.5)
@@ -219,7 +219,7 @@ def one_step_vs_ratio(ax, ratios, success, *, threshold=5.0, title=None):
 
 
 def class_vectors_2d(ax, w, *, features=None, title=None, colors=("tab:blue", "tab:orange", "tab:green")):
-    """002 Fig. 2: 2-D class vectors w_k as arrows, features coloured by their predicted class."""
+    """Xu et al. 2020, Fig. 2: 2-D class vectors w_k as arrows, features coloured by their predicted class."""
     w = np.asarray(w, dtype=float)
     if features is not None:
         f = np.asarray(features, dtype=float)
@@ -282,7 +282,7 @@ def grouped_bars(ax, groups: dict[str, dict[str, float]], *, ylabel="accuracy (%
 
 def margin_over_epochs(ax, epochs, curves: dict[str, list[float]], *, refs: dict[str, float] | None = None,
                        logx: bool = False, ylabel="margin", title=None):
-    """Margin curves vs epoch (003 Fig 1a-b, 2, 6), with horizontal reference lines (e.g. the SVM's)."""
+    """Margin curves vs epoch (Wu & Yu 2019, Fig 1a-b, 2, 6), with horizontal reference lines (e.g. the SVM's)."""
     for label, vals in curves.items():
         ax.plot(epochs, np.asarray(vals, dtype=float), marker="." if len(epochs) < 30 else None, label=label)
     for i, (label, val) in enumerate((refs or {}).items()):
@@ -300,7 +300,7 @@ def margin_over_epochs(ax, epochs, curves: dict[str, list[float]], *, refs: dict
 
 def margin_histogram_row(axes, snapshots: dict[int, np.ndarray], *, reference: np.ndarray | None = None,
                          reference_label="SVM", bins=30, xlabel="margin"):
-    """One histogram per epoch on shared bins (003 Fig 1c, 5, 7); ``reference`` is overlaid on every panel."""
+    """One histogram per epoch on shared bins (Wu & Yu 2019, Fig 1c, 5, 7); ``reference`` is overlaid on every panel."""
     arrays = [np.asarray(m, dtype=float) for m in snapshots.values()]
     if reference is not None:
         arrays.append(np.asarray(reference, dtype=float))

@@ -751,7 +751,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
         sampler: "shuffle" (a fresh permutation per epoch; a trailing batch of one example is dropped because it
             breaks BatchNorm) or "balanced": exactly two label values, each batch holds ``batch_size // 2``
             examples of each; an epoch is ceil(max class size / (batch_size // 2)) batches, the smaller class
-            cycled (fresh permutations) — for pairwise/differential losses (000 §4).
+            cycled (fresh permutations) — for pairwise/differential losses (Nar et al. 2019a, §4).
         seed: seeds the batch order (CPU generator) and, via ``fork_rng``, dropout / randomness inside the loss.
             It does not re-initialise the model: seed before constructing it.
         device: where training runs (default ``config.device()``); the model is moved there and stays there.
@@ -771,7 +771,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn |
             seeded by ``seed``. ``train_acc`` is then measured on the augmented batches; ``train_err`` and the
             callbacks see the original data. Part of the cache key.
         until_zero_error: after each epoch measure the exact training error (eval mode) as ``train_err`` and stop
-            once it is 0 ("train to zero training error", 000/001/003).
+            once it is 0 ("train to zero training error", as Nar et al. 2019a,b and Wu & Yu 2019 do).
 
     Device boundary: the data are moved to ``device`` once and stay resident there for the run; batches are
     index gathers on the device; the only host synchronisations are one per epoch (the epoch's loss, and the
