@@ -100,18 +100,21 @@ def full_profile() -> Iterator[None]:
 
 def estimate(chapter: str, attack_batch: int) -> dict:
     """The training estimate of ``chapter`` (its job plan)."""
-    with official_size_standins():
+    # the jobs' data and model specs are resolved when planned: under the full profile too (its sizes)
+    with official_size_standins(), full_profile():
         plan = jobs.plan(jobs.chapter_jobs(chapter, "full"), measure_cpu=False)
     costs = [j.cost for j in plan if j.cost is not None]
     if not costs:
-        return {"chapter": chapter, "jobs": 0, "gpu_hours": 0.0, "longest": ("-", 0.0), "train_peak_gib": ("-", 0.0),
+        return {"chapter": chapter, "jobs": 0, "gpu_hours": 0.0, "gpu_hours_without_wrn": 0.0, "longest": ("-", 0.0), "train_peak_gib": ("-", 0.0),
                 "attack_gib": 0.0, "wall_hours": {n: 0.0 for n in (1, 2, 4, 8)}}
     seconds = [c.gpu_seconds for c in costs]
     longest = max(plan, key=lambda j: j.cost.gpu_seconds if j.cost else 0)
     biggest = max(plan, key=lambda j: j.cost.peak_bytes if j.cost else 0)
     attack = max(c.attack_bytes(attack_batch) for c in costs)
+    small = [j.cost.gpu_seconds for j in plan if j.cost is not None and "wrn" not in j.label.lower()]
     return {
         "chapter": chapter, "jobs": len(plan), "gpu_hours": sum(seconds) / 3600,
+        "gpu_hours_without_wrn": sum(small) / 3600,
         "longest": (longest.label, longest.cost.gpu_seconds / 3600),
         "train_peak_gib": (biggest.label, biggest.cost.peak_bytes / 2**30),
         "attack_gib": attack / 2**30,
@@ -643,8 +646,15 @@ def main(argv: list[str] | None = None) -> int:
                 print("  evaluation: no attacks or margin estimates after training")
         if train_h is not None:
             eval_h = ev.seconds() / 3600 if ev else 0.0
+            peak = max(r["train_peak_gib"][1], ev.peak_bytes() / 2**30 if ev else 0.0)
             print(f"  combined (ESTIMATE): {train_h + eval_h:.2f} GPU-hours "
-                  f"(training {train_h:.2f} + evaluation {eval_h:.2f})", flush=True)
+                  f"(training {train_h:.2f} + evaluation {eval_h:.2f}), peak {peak:.1f} GiB", flush=True)
+            small = [m for m in ev.models if not m.label.startswith("WRN")] if ev else []
+            if ev and len(small) < len(ev.models):
+                small_h = r["gpu_hours_without_wrn"] + sum(m.seconds() for m in small) / 3600
+                print(f"  combined without the WRN tables (ESTIMATE): {small_h:.2f} GPU-hours (training "
+                      f"{r['gpu_hours_without_wrn']:.2f} + evaluation {sum(m.seconds() for m in small) / 3600:.2f})",
+                      flush=True)
     print(f"(estimated in {time.perf_counter() - t0:.0f} s on this machine's CPU)")
     return 0
 
