@@ -530,14 +530,15 @@ def chapter5_eval(include_wrn: bool = True) -> ChapterEval:
 
 
 #: chapter 6's Table-1 budgets in the full profile (set in the notebook's first cell, not in the module)
-CH6_TABLE_FULL = dict(n_test=None, steps=1000, stronger=2000, n_margin=500, autoattack="standard")
+CH6_TABLE_FULL = {"n_test": None, "steps": 1000, "stronger": 2000, "n_margin": 500, "autoattack": "standard"}
 
 
 def chapter6_eval() -> ChapterEval:
     """Chapter 6: margins of the curve models at every tracked epoch on the train and test point sets (Lipschitz
     lower bound + DeepFool/C&W upper bound; they run inside training as a callback), and Table 1
     (``evaluate_robustness``) for each model × Std / LCR / AMR."""
-    from marginlab import avgmargin as am, margins
+    from marginlab import avgmargin as am
+    from marginlab import margins
 
     with full_profile():
         st = am.chapter_settings()

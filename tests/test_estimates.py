@@ -31,8 +31,8 @@ def test_model_cost_of_a_linear_layer_is_its_matrix_products():
 
 
 def _mc(**kw) -> E.ModelCost:
-    base = dict(fwd_flops=1e9, grad_flops=3e9, fwd_ops=10, grad_ops=30, saved_bytes=1000, param_bytes=500,
-                input_bytes=100, num_classes=10)
+    base = {"fwd_flops": 1e9, "grad_flops": 3e9, "fwd_ops": 10, "grad_ops": 30, "saved_bytes": 1000, "param_bytes": 500,
+                "input_bytes": 100, "num_classes": 10}
     return E.ModelCost(**{**base, **kw})
 
 
@@ -55,7 +55,7 @@ def test_phase_seconds_take_the_larger_of_flops_and_launch_floor_per_chunk():
     assert p.peak_bytes(mc, data_bytes=7) == 500 + 7 + 256 * (1000 + (E.STATE_BUFFERS + 2) * 100)
 
 
-@pytest.mark.parametrize("bad", [dict(examples=-1), dict(chunk=0), dict(groups=0)])
+@pytest.mark.parametrize("bad", [{"examples": -1}, {"chunk": 0}, {"groups": 0}])
 def test_phase_rejects_bad_sizes(bad):
     with pytest.raises(ValueError):
         E.Phase(**{"what": "x", "examples": 10, "iters": 1, **bad})
