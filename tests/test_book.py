@@ -48,7 +48,7 @@ def test_scorecards_render_as_tables_with_chapter_links(built_book: Path):
     chapter = (built_book / "chapters" / "01_two_point_dynamics.html").read_text()
     assert 'class="ml-sc' in chapter
     for profile in ("quick", "standard", "full"):
-        assert f">{profile}<" in chapter, profile
+        assert f"<th>{profile}" in chapter, profile
 
 
 def test_citation_labels_distinguish_the_two_2019_papers():
