@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -53,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from marginlab import data, jobs
+from marginlab import config, data, jobs
 
 SIZES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -81,21 +80,9 @@ def official_size_standins() -> Iterator[None]:
         data.load, data.require = load, require
 
 
-@contextlib.contextmanager
-def full_profile() -> Iterator[None]:
+def full_profile():
     """The full profile's settings (not its smoke run)."""
-    keys = ("MARGINLAB_PROFILE", "MARGINLAB_SMOKE")
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ["MARGINLAB_PROFILE"] = "full"
-    os.environ.pop("MARGINLAB_SMOKE", None)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return config.environ({"MARGINLAB_PROFILE": "full", "MARGINLAB_SMOKE": None})
 
 
 def estimate(chapter: str, attack_batch: int) -> dict:

@@ -153,6 +153,27 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @contextmanager
+def environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, remove) environment variables for the block, then restore them.
+
+    Child processes started in the block (a chapter's Jupyter kernel, Ray workers) inherit them."""
+    before = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def cpu_threads(n: int = 1, device: str | torch.device | None = None) -> Iterator[None]:
     """Run the block with ``n`` intra-op CPU threads, then restore the caller's count.
 

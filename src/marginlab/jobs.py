@@ -560,22 +560,7 @@ def estimate(job: Job, **kwargs: Any) -> Cost:
     return _estimate_built(build(job), **kwargs)
 
 
-@contextlib.contextmanager
-def _env(values: Mapping[str, str | None]) -> Iterator[None]:
-    before = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+_env = config.environ
 
 
 def plan(jobs: Iterable[Job], *, cost: bool = True, **estimate_kwargs: Any) -> list[Job]:

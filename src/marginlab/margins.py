@@ -11,12 +11,13 @@ and for a misclassified one the same inequalities hold for |m| (all three are ne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+
+from .attacks._validation import frozen_eval
 
 __all__ = [
     "linear_margins",
@@ -207,26 +208,6 @@ def _check_logits(z: Any, n: int) -> int:
     return int(z.shape[1])
 
 
-@contextmanager
-def _frozen_eval(model: Model) -> Iterator[None]:
-    """eval() and no parameter gradients during an estimate; every flag restored afterwards."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 @torch.no_grad()
 def _logits(model: Model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
@@ -354,7 +335,7 @@ def lipschitz_lower_bound(
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=home)
     gen = _device_generator(dev)
-    with _frozen_eval(model), torch.random.fork_rng(devices=_cuda_indices(dev)):
+    with frozen_eval(model), torch.random.fork_rng(devices=_cuda_indices(dev)):
         if gen is None:
             torch.manual_seed(seed)
         z0 = _logits(model, x0, batch_size)
@@ -422,7 +403,7 @@ def upper_bound(
     n = x0.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.float64, device=home)
-    with _frozen_eval(model):
+    with frozen_eval(model):
         z0 = _logits(model, x0, batch_size)
     k = _check_logits(z0, n)
     _check_labels(y0, k)

@@ -17,12 +17,11 @@ profile cell may train for hours). The run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -86,23 +85,7 @@ def results_path(chapter: str | os.PathLike, root: str | os.PathLike | None = No
     return base / config.run_name() / f"{stem}.json"
 
 
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, remove) environment variables for the block; the kernel inherits them."""
-    before = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+_environ = config.environ
 
 
 def _source_line(text: str, source: str) -> int | None:

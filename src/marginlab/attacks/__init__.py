@@ -29,6 +29,7 @@ Andriushchenko et al. 2020 (Square); Xu et al. 2020 Table 1 (the multi-target at
 """
 from __future__ import annotations
 
+from ._validation import frozen_eval
 from ._validation import (  # noqa: F401  (private names used by marginlab.margins)
     _attack_mode,
     _check_eps,
@@ -94,4 +95,6 @@ __all__ = [  # noqa: RUF022 (grouped by kind, not sorted)
     "DEFAULT_BATCH_SIZE", "Attack", "AttackResult", "FixedEpsilonAttack", "MinimizationAttack", "FGSM", "PGD",
     "MultiTargetPGD", "CarliniWagnerL2", "DeepFool", "APGD", "APGDT", "FAB", "Square", "AutoAttack",
     "EnsembleReport",
+    # the model-state context shared with marginlab.margins
+    "frozen_eval",
 ]

@@ -178,8 +178,9 @@ def _prepare(
 
 
 @contextlib.contextmanager
-def _attack_mode(model: Model) -> Iterator[None]:
-    """eval() + frozen parameters during an attack; every submodule's mode and flag restored after.
+def frozen_eval(model: Model) -> Iterator[None]:
+    """eval() + frozen parameters during an attack or a margin estimate; every submodule's mode and
+    flag restored after.
 
     Freezing the parameters means autograd builds no graph towards them: no ``.grad`` can be left
     behind and the backward pass is cheaper.
@@ -199,6 +200,9 @@ def _attack_mode(model: Model) -> Iterator[None]:
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+_attack_mode = frozen_eval
 
 
 def _predict(model: Model, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
