@@ -285,3 +285,23 @@ def test_l2_autoattack_is_in_the_worst_case_on_the_images_it_attacked():
     none = am.evaluate_robustness(model, x, y, epsilons=(0.5, 3.0), steps=3, n_margin=2, n_samples=2,
                                   unbounded_eps=100.0, autoattack=None)
     assert none["attack"]["ensemble"] == ["L2-PGD"] and none["worst"] == none["pgd"]
+
+
+def test_stronger_pgd_keeps_the_step_size(monkeypatch):
+    """Regression: with Table 1's fixed step (0.01), the 'more effort' PGD of the §6 sanity rule used
+    2.5·eps/steps instead and covered less ground than the attack it checks (standard run: 55.7% vs 53.4%
+    at eps 1.5). More effort means more steps at the same step size."""
+    calls = []
+    real = am.l2_pgd
+
+    def spy(steps, step_size=None, seed=0):
+        calls.append((steps, step_size))
+        return real(steps, step_size, seed)
+
+    monkeypatch.setattr(am, "l2_pgd", spy)
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    model = am.make_model("lr", "mnist", seed=0)
+    am.evaluate_robustness(model, x, y, epsilons=(0.5,), steps=3, step_size=0.05, stronger_steps=6,
+                           n_margin=2, n_samples=2, unbounded_eps=100.0, autoattack=None)
+    assert (3, 0.05) in calls and (6, 0.05) in calls
