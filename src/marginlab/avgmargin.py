@@ -621,10 +621,10 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         clean = acc[0]
         stronger = None
         if stronger_steps:
-            # more effort = more steps at the same step size (a step of 2.5·eps/stronger_steps would cover
-            # less ground than the attack it is meant to outdo when the main attack has a fixed step)
-            strong = robust_masks(model, xd, yd, l2_pgd(stronger_steps, step_size, seed + 1), grid,
-                                  batch_size=bs)
+            # more effort = the same attack run longer: the same random start and step size, more steps (a
+            # step of 2.5·eps/stronger_steps covers less ground than the attack it is meant to outdo when that
+            # attack has a fixed step, and a new random start makes the comparison noise on small test sets)
+            strong = robust_masks(model, xd, yd, l2_pgd(stronger_steps, step_size, seed), grid, batch_size=bs)
             stronger = [[float(m.double().mean()) for m in strong]]
         # an unbounded radius with a modest step (the largest eps over 10) and early stopping, so that the
         # distortion at the first adversarial iterate is a meaningful "how far did it have to go"
