@@ -472,8 +472,7 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, ImportError, MemoryError, UnicodeDecodeError) as e:
+    except Exception as e:  # any failure to decode (garbage can raise OverflowError, struct.error, ...)
         raise ValueError(f"{path}: not a valid CIFAR pickle (corrupted or truncated?): {e!r}") from e
     if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
