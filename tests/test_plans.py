@@ -102,7 +102,14 @@ def test_chapter_3_plan_has_every_variant_and_its_long_run(quick):
     names = [j.name for j in lowrank.training_jobs()]
     assert names == ["SGD-momentum", "Adam", "SGD-BatchNorm", "momentum-long"]
     with jobs._profile("standard"):
-        assert [j.name for j in lowrank.training_jobs()][3:] == ["momentum-long", "Adam-long", "SGD-BatchNorm-long"]
+        names = [j.name for j in lowrank.training_jobs()]
+        assert names[3:6] == ["momentum-long", "Adam-long", "SGD-BatchNorm-long"]
+        # the further seeds of the runs to zero training error (the interval over seeds on the counts)
+        assert names[6:] == [f"{n}-seed{s}" for s in (1, 2) for n in ("SGD-momentum", "Adam", "SGD-BatchNorm")]
+        jobs_by_name = {j.name: j for j in lowrank.training_jobs()}
+        assert jobs_by_name["Adam-seed2"].fit["seed"] == 2 and jobs_by_name["Adam-seed2"].model.kwargs["seed"] == 2
+    with pytest.raises(ValueError, match="zero training error only"):
+        lowrank.variant_tag("Adam", long=True, seed=1)
 
 
 def test_chapter_3_key_is_that_of_the_pre_plan_notebook(quick):

@@ -400,6 +400,8 @@ def chapter_settings() -> dict[str, Any]:
         "long_epochs": config.pick(quick=60, full=1000, smoke=2),
         "long_variants": config.pick(quick=("SGD + momentum",), full=tuple(VARIANTS)),
         "seed": 0,
+        # further seeds of the runs to zero training error, for an interval over seeds on the counts
+        "extra_seeds": config.pick(quick=(), full=(1, 2)),
         "level": 0.99,
         # the smoke run: toy sizes of the full profile's code paths (None: every image)
         "n_train": config.pick(quick=None, full=None, smoke=256),
@@ -421,47 +423,67 @@ def chapter_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     return (x, y) if n is None else (x[:n], y[:n])
 
 
-def variant_tag(name: str, long: bool = False) -> str:
-    """The cache tag of a variant's run: ``ch03-SGD-momentum``; its long run ``ch03-momentum-long`` (momentum)
-    or ``ch03-<name>-long``."""
+def variant_tag(name: str, long: bool = False, seed: int | None = None) -> str:
+    """The cache tag of a variant's run: ``ch03-SGD-momentum`` (``-seed1`` appended for a further seed); its
+    long run ``ch03-momentum-long`` (momentum) or ``ch03-<name>-long``."""
     base = f"ch03-{name.replace(' ', '').replace('+', '-')}"
+    if seed is not None and seed != chapter_settings()["seed"]:
+        if long:
+            raise ValueError("further seeds are trained to zero training error only, not long")
+        return f"{base}-seed{seed}"
     if not long:
         return base
     return "ch03-momentum-long" if name == "SGD + momentum" else f"{base}-long"
 
 
-def variant_job(name: str, long: bool = False) -> "jobs.Job":
+def variant_job(name: str, long: bool = False, seed: int | None = None) -> "jobs.Job":
     """The training of variant ``name`` in the active run: until zero training error within ``max_epochs``
     (``long=False``), or ``long_epochs`` epochs regardless (``long=True``); the :func:`rank_callback` over the
-    training and test features after every epoch rides in its history."""
+    training and test features after every epoch rides in its history. ``seed`` (default: the chapter's)
+    seeds both the initial weights and the batch order."""
     from . import jobs
 
     st = chapter_settings()
+    tag = variant_tag(name, long, seed)
+    seed = st["seed"] if seed is None else seed
     opts = _variant_settings(name)
     bn = opts.pop("batchnorm", False)
     sets = {"train": jobs.call(chapter_data, "train"), "test": jobs.call(chapter_data, "test")}
-    fit = dict(epochs=st["long_epochs"] if long else st["max_epochs"], batch_size=st["batch_size"], seed=st["seed"],
-               callbacks=[jobs.call(rank_callback, sets, level=st["level"])], cache=variant_tag(name, long),
+    fit = dict(epochs=st["long_epochs"] if long else st["max_epochs"], batch_size=st["batch_size"], seed=seed,
+               callbacks=[jobs.call(rank_callback, sets, level=st["level"])], cache=tag,
                until_zero_error=not long, **opts)
-    return jobs.Job("03", variant_tag(name, long).removeprefix("ch03-"),
-                    model=jobs.call(lenet, batchnorm=bn, seed=st["seed"], in_channels=3),
+    return jobs.Job("03", tag.removeprefix("ch03-"),
+                    model=jobs.call(lenet, batchnorm=bn, seed=seed, in_channels=3),
                     data=jobs.call(chapter_data, "train"), fit=fit)
 
 
 def training_jobs() -> list["jobs.Job"]:
     """Every training of chapter 3 in the active run: each variant to zero training error, then the long runs."""
-    long = chapter_settings()["long_variants"]
-    return [variant_job(n) for n in VARIANTS] + [variant_job(n, long=True) for n in long]
+    st = chapter_settings()
+    return ([variant_job(n) for n in VARIANTS] + [variant_job(n, long=True) for n in st["long_variants"]]
+            + [variant_job(n, seed=s) for s in st["extra_seeds"] for n in VARIANTS])
 
 
-def train_chapter_variant(name: str, long: bool = False, device=None):
-    """Train (or load from the cache) :func:`variant_job` ``(name, long)``: the notebook's call, the same job
-    ``python -m marginlab jobs 3 --run`` trains. Returns ``(model, history)``."""
+def train_chapter_variant(name: str, long: bool = False, device=None, seed: int | None = None):
+    """Train (or load from the cache) :func:`variant_job` ``(name, long, seed)``: the notebook's call, the same
+    job ``python -m marginlab jobs 3 --run`` trains. Returns ``(model, history)``."""
     from . import jobs
     from .train import fit
 
-    b = jobs.build(variant_job(name, long))
+    b = jobs.build(variant_job(name, long, seed))
     return b.model, _fit_single_thread(fit, b.model, b.x, b.y, device, **b.fit)
+
+
+def components_over_seeds(name: str, level: float = 0.99, device=None) -> dict[int, int]:
+    """Components for ``level`` of the training features' variance of variant ``name``, trained to zero
+    training error from the chapter's seed and each of its ``extra_seeds``: ``{seed: count}``."""
+    st = chapter_settings()
+    x, _ = chapter_data("train")
+    counts = {}
+    for seed in (st["seed"], *st["extra_seeds"]):
+        model, _ = train_chapter_variant(name, device=device, seed=seed)
+        counts[seed] = spectrum(penultimate(model, x, device=device), levels=(level,))["components"][level]
+    return counts
 
 
 def penultimate(model: nn.Module, x: torch.Tensor, device=None) -> torch.Tensor:
