@@ -24,10 +24,20 @@ def _is_chapter(path: Path) -> bool:
     return path.suffix == ".md" and path.parent.resolve() == CHAPTERS.resolve()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Chapters executed by nbval in this session, with their outputs: the book build of the test
+    # session (tests/conftest.py::built_book) reuses them instead of executing every chapter again.
+    config.executed_chapters = {}
+
+
 if IPyNbFile is not None:
 
     class MystChapter(IPyNbFile):
-        """An nbval notebook collector that reads a jupytext MyST chapter."""
+        """An nbval notebook collector that reads a jupytext MyST chapter.
+
+        When every cell of the chapter ran and passed, the notebook with its outputs is kept in
+        ``config.executed_chapters[path]``.
+        """
 
         def collect(self):
             import jupytext
@@ -37,7 +47,23 @@ if IPyNbFile is not None:
                 return jupytext.read(path, as_version=as_version)
 
             with mock.patch.object(nbval.plugin.nbformat, "read", read):
-                yield from super().collect()
+                self.cells = list(super().collect())
+            self.failed = False
+            yield from self.cells
+
+        def teardown(self):
+            super().teardown()
+            if self.failed or any(cell.test_outputs is None for cell in self.cells):
+                return
+            for n, cell in enumerate(self.cells, start=1):
+                cell.cell.outputs, cell.cell.execution_count = cell.test_outputs, n
+            self.config.executed_chapters[Path(self.path)] = self.nb
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: pytest.Item, call):
+        report = (yield).get_result()
+        if isinstance(item.parent, MystChapter) and report.failed:
+            item.parent.failed = True
 
     def pytest_collect_file(file_path: Path, parent: pytest.Collector):
         opt = parent.config.option

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -37,18 +38,49 @@ def one_thread():
         yield
 
 
+def prefill_execution_cache(cache_dir: Path, executed: dict[Path, Any]) -> list[Path]:
+    """Put the outputs of chapters already executed (by nbval) into the book build's jupyter-cache.
+
+    ``execute_notebooks: cache`` looks a notebook up by its code cells as myst-nb reads the
+    Markdown source; each chapter is read that way here, and its outputs are copied in only
+    if the code cells are exactly the ones nbval ran, so the build executes any other chapter
+    itself. Returns the chapters put into the cache.
+    """
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from myst_nb.core.read import read_myst_markdown_notebook
+
+    cache = get_cache(str(cache_dir))
+    filled = []
+    for path, ran in executed.items():
+        nb = read_myst_markdown_notebook(path.read_text(), path=path)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        done = [c for c in ran.cells if c.cell_type == "code"]
+        if [c.source.strip() for c in code] != [c.source.strip() for c in done]:
+            continue
+        for cell, result in zip(code, done):
+            cell.outputs = [nbformat.from_dict(o) for o in result.outputs]
+            cell.execution_count = result.execution_count
+        cache.cache_notebook_bundle(CacheBundleIn(nb, str(path)), check_validity=False, overwrite=True)
+        filled.append(path)
+    return filled
+
+
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory) -> Path:
+def built_book(tmp_path_factory, request) -> Path:
     """Build the book exactly as the README says, with warnings and broken references as errors.
 
-    Every chapter is executed again, as in the published build (figure numbers and their
-    references only exist in executed pages). The trained models are cached under
-    ``$MARGINLAB_CACHE`` by the chapters' earlier nbval run, so this second execution
-    does not retrain.
+    Every chapter page is built from an executed notebook, as in the published build (figure
+    numbers and their references only exist in executed pages). Chapters that the nbval pass
+    of this session ran without error are not executed a second time: their outputs are put
+    into the build's jupyter-cache first (:func:`prefill_execution_cache`); the build
+    executes any other chapter, with the models nbval trained cached under ``$MARGINLAB_CACHE``.
     """
     if shutil.which("jupyter-book") is None:
         pytest.skip("jupyter-book is not installed (pip install -e '.[dev]')")
     out = tmp_path_factory.mktemp("book")
+    prefill_execution_cache(out / "_build" / ".jupyter_cache", getattr(request.config, "executed_chapters", {}))
     cmd = ["jupyter-book", "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, f"book build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"

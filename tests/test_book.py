@@ -66,3 +66,41 @@ def test_citation_labels_distinguish_the_two_2019_papers():
     nar = [e for e in bib.entries.values() if e.persons["author"][0].last_names == ["Nar"]]
     labels = sorted(YearSuffixLabelStyle().format_label(e) for e in nar)
     assert labels == ["NOSR19a", "NOSR19b"], labels
+
+
+def test_prefilled_chapters_are_not_executed_again(tmp_path: Path):
+    """The book test's build takes nbval's outputs from the jupyter-cache instead of executing the chapter;
+    a chapter whose code changed since is executed."""
+    import shutil
+    import subprocess
+
+    import jupytext
+    from conftest import prefill_execution_cache
+
+    if shutil.which("jupyter-book") is None:
+        pytest.skip("jupyter-book is not installed")
+    book = tmp_path / "book"
+    book.mkdir()
+    (book / "_config.yml").write_text('title: t\nexecute:\n  execute_notebooks: cache\nonly_build_toc_files: true\n')
+    (book / "_toc.yml").write_text("format: jb-book\nroot: page\nchapters:\n  - file: other\n")
+    header = (ROOT / "chapters" / "01_two_point_dynamics.md").read_text().split("\n# ")[0]
+    cell = "```{code-cell} ipython3\nfrom pathlib import Path\nPath('executed_%s').touch()\nprint('fresh %s')\n```\n"
+    for name in ("page", "other"):
+        (book / f"{name}.md").write_text(f"{header}# {name}\n\n{cell % (name, name)}")
+    executed = {}
+    for name in ("page", "other"):
+        nb = jupytext.read(book / f"{name}.md")
+        code = next(c for c in nb.cells if c.cell_type == "code")
+        code.outputs = [{"output_type": "stream", "name": "stdout", "text": f"cached {name}\n"}]
+        executed[book / f"{name}.md"] = nb
+    changed = (cell % ("other", "other")).replace("print(", "x = 1\nprint(")
+    (book / "other.md").write_text(f"{header}# other\n\n{changed}")  # its code changed after nbval ran it
+    out = tmp_path / "out"
+    assert prefill_execution_cache(out / "_build" / ".jupyter_cache", executed) == [book / "page.md"]
+    proc = subprocess.run(["jupyter-book", "build", str(book), "--path-output", str(out), "-W"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    page = (out / "_build" / "html" / "page.html").read_text()
+    other = (out / "_build" / "html" / "other.html").read_text()
+    assert "cached page" in page and not (book / "executed_page").exists()
+    assert "fresh other" in other and (book / "executed_other").exists()
