@@ -75,6 +75,7 @@ def test_prefilled_chapters_are_not_executed_again(tmp_path: Path):
     import subprocess
 
     import jupytext
+
     from conftest import prefill_execution_cache
 
     if shutil.which("jupyter-book") is None:
