@@ -300,3 +300,18 @@ def test_show_saves_first_and_survives_damaged_stored_files(tmp_path, monkeypatc
     assert "ml-v-reproduced" in out.data
     with pytest.warns(UserWarning, match="unreadable"):
         assert sc.entries(root=tmp_path)[0]["results"]["standard"]["verdict"] == NOT_RUN
+
+
+def test_glue_stored_glues_each_stored_claim_and_its_verdict(tmp_path, monkeypatch):
+    import myst_nb
+
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.setdefault(name, value.data))
+    sc = Scorecard(chapter="99_glue", profile="standard")
+    sc.claim("k", "components", 2, Estimate(61.0, 55.0, 66.0, method="seeds", n=3), scorecard.at_most(2, partly=5))
+    sc.save(tmp_path)
+    results = scorecard.glue_stored("99_glue", "standard", root=tmp_path)
+    assert results["claims"][0]["id"] == "k"
+    assert glued == {"standard_k": "61 [55, 66]", "standard_k_verdict": "**not reproduced**"}
+    glued.clear()
+    assert scorecard.glue_stored("99_glue", "full", root=tmp_path) is None and glued == {}

@@ -311,6 +311,25 @@ def load_results(chapter: str, profile: str, root: str | os.PathLike | None = No
         return json.load(f)
 
 
+def glue_stored(chapter: str, profile: str = "standard", root: str | os.PathLike | None = None
+                ) -> dict[str, Any] | None:
+    """Glue every stored claim of ``chapter`` under ``profile`` for the chapter's prose.
+
+    With myst-nb's ``glue``, ``{glue:md}`<profile>_<id>``` shows our value (with its interval) and
+    ``{glue:md}`<profile>_<id>_verdict``` the computed verdict, so the text quotes the stored run
+    and never a number typed by hand. Returns the stored results, or None (and glues nothing)
+    when the run does not exist: a page quoting it then fails to build rather than showing stale text.
+    """
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    results = _load_or_none(chapter, profile, root)
+    for cid, claim in _claims_by_id(results).items():
+        glue(f"{profile}_{cid}", Markdown(_fmt(claim.get("ours"))), display=False)
+        glue(f"{profile}_{cid}_verdict", Markdown(f"**{claim.get('verdict', '—')}**"), display=False)
+    return results
+
+
 def _fmt(value: Any) -> str:
     """A short display form of a claim value; never raises."""
     try:
