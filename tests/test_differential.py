@@ -320,3 +320,11 @@ def test_autoattack_spec_runs_with_its_budget_and_stays_in_the_ball():
     attacks.assert_in_ball(data["x_test"], xa, 8 / 255, "linf")
     row = next(r for r in D.attack_table(cfg) if r["attack"] == "AutoAttack")
     assert "REDUCED" in row["other"] and row["steps"].startswith("2 ")
+
+
+def test_attack_table_shows_the_images_attacked_not_the_caps():
+    cfg = D.CifarConfig(n_attack_train=100, n_attack_test=2_000, n_cw=2_000)
+    rows = D.attack_table(cfg, n_train=1_033, n_test=207)
+    assert {r["images"] for r in rows} == {"100 train / 207 test", "207 test"}
+    assert all("2000" not in r["images"] for r in rows)
+    assert any("2000" in r["images"] for r in D.attack_table(cfg))  # without sizes: the configured caps

@@ -782,8 +782,13 @@ def minimal_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CifarCon
     ).cpu() for s in _chunks(len(x), cfg.eval_batch_size)])
 
 
-def attack_table(cfg: CifarConfig) -> list[dict[str, Any]]:
-    """Every attack run in the chapter with all its hyperparameters."""
+def attack_table(cfg: CifarConfig, n_train: int | None = None, n_test: int | None = None) -> list[dict[str, Any]]:
+    """Every attack run in the chapter with all its hyperparameters; ``n_train``/``n_test`` (the images loaded,
+    e.g. ``cifar_experiment``'s ``n_train``/``n_test``) turn the configured caps into the counts attacked."""
+    n_tr = cfg.n_attack_train if n_train is None else min(cfg.n_attack_train, n_train)
+    n_te = cfg.n_attack_test if n_test is None else min(cfg.n_attack_test, n_test)
+    n_cw = cfg.n_cw if n_test is None else min(cfg.n_cw, n_test)
+    images = f"{n_tr} train / {n_te} test"
     rows = []
     for s in attack_specs(cfg):
         p = dict(s.params)
@@ -798,23 +803,23 @@ def attack_table(cfg: CifarConfig) -> list[dict[str, Any]]:
                                   + (" (REDUCED budget)" if aa.version == "quick" else "")
                                   + f", target classes 1 (two classes; the version's {aa.n_target_classes}), "
                                   f"Square p_init=0.8, seed={p['seed']}",
-                         "eps": "Linf grid", "images": f"{cfg.n_attack_train} train / {cfg.n_attack_test} test"})
+                         "eps": "Linf grid", "images": images})
             continue
         rows.append({"attack": s.name, "norm": p.pop("norm", "linf"), "loss": p.pop("loss", "ce"),
                      "steps": p.pop("steps", 1), "step size": "2.5·eps/steps" if s.fn == "pgd" else "eps",
                      "restarts": p.pop("restarts", 1), "random start": p.pop("random_start", False),
                      "other": ", ".join(f"{k}={v}" for k, v in p.items()) or "-",
-                     "eps": "Linf grid", "images": f"{cfg.n_attack_train} train / {cfg.n_attack_test} test"})
+                     "eps": "Linf grid", "images": images})
     rows.append({"attack": "PGD-unbounded", "norm": "linf", "loss": "margin", "steps": cfg.unbounded_steps,
                  "step size": f"2/{cfg.unbounded_steps}", "restarts": 1, "random start": False, "other": "seed=3",
-                 "eps": "1.0 (whole box)", "images": f"{cfg.n_attack_test} test"})
+                 "eps": "1.0 (whole box)", "images": f"{n_te} test"})
     rows.append({"attack": "CW-L2 (minimal)", "norm": "l2", "loss": "CW f6, confidence 0", "steps": cfg.cw_steps,
                  "step size": "Adam lr 0.01", "restarts": 1, "random start": False,
                  "other": f"binary search {cfg.cw_search}, initial const 1e-3", "eps": "minimal",
-                 "images": f"{cfg.n_cw} test"})
+                 "images": f"{n_cw} test"})
     rows.append({"attack": "DeepFool (minimal)", "norm": "l2", "loss": "-", "steps": cfg.deepfool_steps,
                  "step size": "-", "restarts": 1, "random start": False, "other": "overshoot 0.02",
-                 "eps": "minimal", "images": f"{cfg.n_cw} test"})
+                 "eps": "minimal", "images": f"{n_cw} test"})
     return rows
 
 
