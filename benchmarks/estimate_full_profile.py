@@ -14,8 +14,8 @@ Evaluation (not in the job plan; chapters 4, 5, 6 run it after training), how:
 
 1. settings: the chapters' own config functions evaluated with ``MARGINLAB_PROFILE=full`` (chapter 4
    ``differential.cifar_config`` / ``attack_specs``; chapter 5 ``angular.default_config`` per table,
-   ``ablation_grid``, the audit's budgets; chapter 6 ``avgmargin.chapter_settings`` plus the Table-1 budgets
-   the notebook sets), test-set sizes from ``data.FULL_SIZES``;
+   ``ablation_grid``, the audit's budgets; chapter 6 ``avgmargin.chapter_settings`` and
+   ``avgmargin.table_settings``), test-set sizes from ``data.FULL_SIZES``;
 2. per model (built with the modules' own factories): one forward and one forward + backward w.r.t. the
    input (parameters frozen, ``eval()``, as the attacks run) on 2 examples under ``jobs._StepCounter``:
    FLOPs per example (matrix products and convolutions, torch's formulas) and ATen operators per pass (the
@@ -516,10 +516,6 @@ def chapter5_eval(include_wrn: bool = True) -> ChapterEval:
     return out
 
 
-#: chapter 6's Table-1 budgets in the full profile (set in the notebook's first cell, not in the module)
-CH6_TABLE_FULL = {"n_test": None, "steps": 1000, "stronger": 2000, "n_margin": 500, "autoattack": "standard"}
-
-
 def chapter6_eval() -> ChapterEval:
     """Chapter 6: margins of the curve models at every tracked epoch on the train and test point sets (Lipschitz
     lower bound + DeepFool/C&W upper bound; they run inside training as a callback), and Table 1
@@ -528,7 +524,7 @@ def chapter6_eval() -> ChapterEval:
     from marginlab import margins
 
     with full_profile():
-        st = am.chapter_settings()
+        st, t = am.chapter_settings(), am.table_settings()
         epochs = {kind: len(am.curve_epochs(kind)[1]) for kind in ("lr", "mlp", "cnn")}
     out = ChapterEval("6", note=f"{len(st['curve_models'])} curve models × {st['n_points']} train + "
                       f"{st['n_points']} test points × {st['n_samples']} samples at the tracked epochs; Table 1: "
@@ -541,7 +537,6 @@ def chapter6_eval() -> ChapterEval:
         phases = lipschitz(f"curves Lipschitz bound ({ne} epochs)", pts, st["n_samples"], k, chunk)
         phases += upper_bound("curves upper bound", pts, k, st["upper"], st["upper_options"])
         out.models.append(ModelEval(f"curves {d} {kind}", mc, phases, 0))
-    t = CH6_TABLE_FULL
     for d, kind in st["table_models"]:
         mc = model_cost(am.make_model(kind, d), SIZES[d])
         k = mc.num_classes

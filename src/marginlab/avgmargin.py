@@ -414,6 +414,30 @@ def chapter_settings() -> dict:
     )
 
 
+def table_settings() -> dict:
+    """Table 1's evaluation budgets in the active run (:func:`marginlab.config.pick`): the chapter's ``S`` adds them
+    to :func:`chapter_settings`, and ``benchmarks/estimate_full_profile.py`` costs the full profile from them.
+
+    ``lr_epochs`` (the LR curves), ``n_test`` (test images; None: all), L2-PGD ``steps`` and ``step_size`` (None:
+    2.5·ε/steps), ``stronger`` (the same PGD run longer, for the DESIGN §6 check), ``n_margin`` (points whose
+    average margin is estimated), ``autoattack`` (version), ``aa_budget`` (a toy budget overriding the version's)
+    and ``aa_n`` (AutoAttack on the first test images only; None: all). L2 AutoAttack joins L2-PGD in every
+    profile: quick at its reduced version, the others at the standard one. Standard (CPU): Wu & Yu 2019's PGD
+    budget on 1,000 test images, AutoAttack on the first 500 of them (≈ 0.2 s of one core per still-robust image
+    and ε, measured on quick-profile MLPs); smoke: every full-profile path at toy sizes.
+    """
+    return config.pick(
+        quick=dict(lr_epochs=1000, n_test=300, steps=40, step_size=None, stronger=80, n_margin=50,
+                   autoattack="quick", aa_budget=None, aa_n=None),
+        full=dict(lr_epochs=1000, n_test=None, steps=1000, step_size=0.01, stronger=2000, n_margin=500,
+                  autoattack="standard", aa_budget=None, aa_n=None),
+        standard=dict(lr_epochs=1000, n_test=1000, steps=1000, step_size=0.01, stronger=2000, n_margin=100,
+                      autoattack="standard", aa_budget=None, aa_n=500),
+        smoke=dict(lr_epochs=2, n_test=64, steps=3, step_size=0.01, stronger=3, n_margin=8, autoattack="standard",
+                   aa_budget={"n_iter": 3, "n_target_classes": 2, "n_queries": 20}, aa_n=None),
+    )
+
+
 def train_set(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The training images of the active run: all of ``dataset``, or ``n_train`` of them (``data.subsample``,
     seed 0). The full profile first checks that the complete data set is there."""
