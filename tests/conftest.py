@@ -30,6 +30,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _CI else 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Let a test module start its long subprocess work early: ``start_in_background(items)``, called once
+    per module with the selected items (tests/test_smoke.py runs the chapters' smoke runs this way)."""
+    seen = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        start = getattr(module, "start_in_background", None)
+        if start is not None and module not in seen:
+            seen.add(module)
+            start(session.items)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """One intra-op thread for the unit tests: their models are tiny, so a second thread only adds

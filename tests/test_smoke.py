@@ -9,13 +9,21 @@ With the headless runner (``python -m marginlab run CHAPTER --smoke``) it is cal
 the log of ``MARGINLAB_DEVICE_STRICT_LOG`` proves that the runner's kernel had the mode on; without the
 runner the chapter notebook is executed with jupytext + nbclient, in a kernel that inherits the
 environment, after a first cell that checks the mode.
+
+The runner's smoke runs start in the background as soon as collection is done
+(:func:`start_in_background`), one after another on one thread: they take the second core while the
+session runs the chapters and the unit tests on the first, and each test waits for its chapter.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,24 +95,84 @@ def test_jupyter_kernel_runs_under_the_strict_mode(tmp_path):
     assert any("ipykernel" in ln for ln in (tmp_path / "strict.log").read_text().splitlines())
 
 
+class SmokeRun:
+    """One chapter's smoke run under the strict mode, through the headless runner, in its own directory."""
+
+    def __init__(self, chapter: str, tmp: Path):
+        self.chapter, self.tmp = chapter, tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.env = {**_strict_env(tmp), "MARGINLAB_THREADS": "1"}  # one core: the session runs beside it
+        self.done = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.stdout = self.stderr = ""
+
+    def run(self) -> None:
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "marginlab", "run", self.chapter, "--smoke"], cwd=ROOT,
+                                         env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                self.stdout, self.stderr = self.proc.communicate(timeout=CHAPTER_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.stdout, self.stderr = self.proc.communicate()
+                self.stderr += f"\n(killed after {CHAPTER_TIMEOUT} s)"
+            self.returncode = self.proc.returncode
+        except OSError as err:
+            self.stderr = f"could not start the runner: {err}"
+        finally:
+            self.done.set()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+_BACKGROUND: dict[str, SmokeRun] = {}
+
+
+def start_in_background(items: list[pytest.Item]) -> None:
+    """Start the selected chapters' smoke runs, one after another, in a background thread.
+
+    Called once by ``tests/conftest.py`` when collection is done. The unit tests and the
+    chapters' nbval runs use one core; the smoke runs (single-threaded) take the other one
+    meanwhile, instead of adding their minutes at the end of the session. Each test then
+    waits for its chapter's run and checks it.
+    """
+    chapters = [item.callspec.params["chapter"] for item in items
+                if getattr(item, "originalname", "") == "test_chapter_smoke_run_under_the_strict_mode"]
+    if not chapters or _BACKGROUND or not _runner_exists():
+        return
+    base = Path(tempfile.mkdtemp(prefix="marginlab-smoke-"))
+    _BACKGROUND.update({c: SmokeRun(c, base / c) for c in chapters})
+    atexit.register(shutil.rmtree, base, True)
+    for run in _BACKGROUND.values():
+        atexit.register(run.stop)  # a session cut short leaves no chapter running
+    threading.Thread(target=lambda: [r.run() for r in list(_BACKGROUND.values())], daemon=True).start()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chapter", SMOKE_CHAPTERS)
 def test_chapter_smoke_run_under_the_strict_mode(chapter, tmp_path):
-    env = _strict_env(tmp_path)
-    results = tmp_path / "results"
-    if _runner_exists():
-        proc = subprocess.run([sys.executable, "-m", "marginlab", "run", chapter, "--smoke"], check=False, cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=CHAPTER_TIMEOUT)
-        assert proc.returncode == 0, f"{chapter} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        strict_log = Path(env["MARGINLAB_DEVICE_STRICT_LOG"])
-        kernels = [ln for ln in strict_log.read_text().splitlines() if "ipykernel" in ln] if strict_log.exists() else []
-        assert kernels, "the chapter's kernel did not run under the device-strict mode"
-    else:
+    if not _runner_exists():
         jupytext = pytest.importorskip("jupytext")
         nbformat = pytest.importorskip("nbformat")
         pytest.importorskip("nbclient")
+        env = _strict_env(tmp_path)
         nb = jupytext.read(CHAPTERS / f"{chapter}.md", as_version=4)
         nb.cells.insert(0, nbformat.v4.new_code_cell(STRICT_CHECK))
         _execute_notebook(nb, env, CHAPTERS, timeout=CHAPTER_TIMEOUT)
+        results = tmp_path / "results"
+    else:
+        run = _BACKGROUND.get(chapter)
+        if run is None:  # not started in the background (the hook did not run): run it now
+            run = SmokeRun(chapter, tmp_path)
+            run.run()
+        assert run.done.wait(2 * CHAPTER_TIMEOUT * len(SMOKE_CHAPTERS)), f"{chapter}: the smoke run never finished"
+        assert run.returncode == 0, f"{chapter} failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+        strict_log = Path(run.env["MARGINLAB_DEVICE_STRICT_LOG"])
+        kernels = [ln for ln in strict_log.read_text().splitlines() if "ipykernel" in ln] if strict_log.exists() else []
+        assert kernels, "the chapter's kernel did not run under the device-strict mode"
+        results = run.tmp / "results"
     assert (results / "smoke" / f"{chapter}.json").is_file(), sorted(p.name for p in results.rglob("*"))
     assert not (results / "full").exists(), "a smoke run wrote results of the full profile"
