@@ -571,11 +571,16 @@ def test_avgmargin_margin_curves_measure_cpu_points_during_device_training(stric
     assert curves.epochs == [0, 2] and len(curves.margins["test"]["lower"]) == 2
 
 
+# AutoAttack's code paths at a toy budget: its standard one (100 iterations, 5,000 Square queries) only adds time
+TOY_AUTOATTACK = {"n_iter": 3, "n_target_classes": 2, "n_queries": 20}
+
+
 def test_avgmargin_evaluate_robustness_takes_cpu_test_images(strict_device):
     x, y = _mnist_like(8)
     model = avgmargin.make_model("lr", "mnist").to(strict_device)
     try:
-        res = avgmargin.evaluate_robustness(model, x, y, epsilons=[0.5, 1.0], steps=3, n_margin=4, n_samples=16)
+        res = avgmargin.evaluate_robustness(model, x, y, epsilons=[0.5, 1.0], steps=3, n_margin=4, n_samples=16,
+                                            autoattack_budget=TOY_AUTOATTACK)
     except AssertionError as err:  # DESIGN §6 sanity on an untrained toy model: not what this tests
         if MIXING in str(err) or "numpy" in str(err):
             raise
@@ -588,7 +593,8 @@ def test_avgmargin_compare_training_on_the_device(strict_device):
     xt, yt = _mnist_like(8, seed=1)
     try:
         rows = avgmargin.compare_training("lr", "mnist", x, y, xt, yt, epochs=1, epsilons=[0.5], steps=3,
-                                          n_margin=4, n_samples=16, fit_kw=dict(batch_size=8))
+                                          n_margin=4, n_samples=16, fit_kw=dict(batch_size=8),
+                                          autoattack_budget=TOY_AUTOATTACK)
     except AssertionError as err:
         if MIXING in str(err) or "numpy" in str(err):
             raise
@@ -611,7 +617,7 @@ def test_differential_training_and_evaluation_on_the_device(strict_device):
     cfg = differential.CifarConfig(**_fields(
         differential.CifarConfig, n_train=16, n_test=8, epochs=1, batch_size=8, pgd_steps=2, strong_steps=2,
         strong_restarts=1, unbounded_steps=3, cw_steps=3, cw_search=1, deepfool_steps=3,
-        epsilons=(0.0, 2 / 255), eval_batch_size=8))
+        epsilons=(0.0, 2 / 255), eval_batch_size=8, aa_n_iter=3, aa_n_queries=20))
     try:  # train_cifar trains on the chapter's own data (its cached job), the first images of CIFAR-10
         data = differential.load_airplane_horse(cfg.n_train, cfg.n_test)
     except Exception as err:  # noqa: BLE001  (no data here: a loader error of any kind)
