@@ -1,6 +1,8 @@
 """Chapter 6 (003, Wu & Yu 2019): AMR and Parseval penalties, linear margin tracking, estimators."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -305,3 +307,15 @@ def test_stronger_pgd_keeps_the_step_size(monkeypatch):
     am.evaluate_robustness(model, x, y, epsilons=(0.5,), steps=3, step_size=0.05, stronger_steps=6,
                            n_margin=2, n_samples=2, unbounded_eps=100.0, autoattack=None)
     assert (3, 0.05) in calls and (6, 0.05) in calls
+
+
+def test_average_margin_trends_reads_from_epoch_1_and_from_the_papers_first_epoch_of_steps():
+    curve = {"epochs": [1, 10, 20, 30], "train_lower_mean": [0.5, 0.9, 0.8, 0.7],
+             "test_lower_mean": [0.4, 0.6, 0.6, float("nan")]}
+    out = am.average_margin_trends(curve, n_train=3678)  # 29 steps an epoch: epoch 20 is the first with >= 469
+    assert list(out) == ["epoch 1", "epoch 20"]
+    assert out["epoch 1"]["train avg margin change"] == pytest.approx(0.2)
+    assert out["epoch 20"]["train avg margin change"] == pytest.approx(-0.1)
+    assert out["epoch 20"]["steps at start"] == 580
+    assert math.isnan(out["epoch 20"]["test avg margin change"])  # one finite value after epoch 20: no trend
+    assert list(am.average_margin_trends(curve, n_train=60_000)) == ["epoch 1"]  # the paper's own epochs

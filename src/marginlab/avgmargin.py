@@ -528,6 +528,28 @@ def trend(values: Sequence[float], start: int = 0) -> float:
     return v[-1] - v[0]
 
 
+#: optimiser steps in Wu & Yu 2019's first epoch on MNIST: 60,000 images in batches of 128
+PAPER_STEPS_PER_EPOCH = math.ceil(60_000 / FIT_003["batch_size"])
+
+
+def average_margin_trends(curve: dict, n_train: int, from_steps: int = PAPER_STEPS_PER_EPOCH) -> dict:
+    """The average-margin trends of a stored margin curve (``curves_<dataset>_<kind>`` of the chapter's results)
+    from its first tracked epoch and from the first tracked epoch with at least ``from_steps`` optimiser steps
+    (default: as many as in the paper's epoch 1): ``{"epoch 1": {...}, "epoch N": {...}}``, each with the change
+    (last − first) of the training and test average margin (lower bound) and the epochs and steps it spans."""
+    epochs = list(curve["epochs"])
+    per_epoch = math.ceil(n_train / FIT_003["batch_size"])
+    late = next((i for i, e in enumerate(epochs) if e * per_epoch >= from_steps), len(epochs) - 1)
+    out = {}
+    for start in dict.fromkeys([0, late]):
+        out[f"epoch {epochs[start]}"] = {
+            "steps at start": epochs[start] * per_epoch,
+            "train avg margin change": trend(curve["train_lower_mean"], start),
+            "test avg margin change": trend(curve["test_lower_mean"], start),
+        }
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # standard training vs LCR (Parseval) vs AMR (Wu & Yu 2019, §4.3, Table 1)
 # --------------------------------------------------------------------------------------------
