@@ -6,12 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from marginlab import config
 from torch import nn
 
 from marginlab import avgmargin as am
-from marginlab import losses, margins
+from marginlab import config, losses, margins
 
 
 class _Lin(nn.Module):
