@@ -315,3 +315,25 @@ def test_glue_stored_glues_each_stored_claim_and_its_verdict(tmp_path, monkeypat
     assert glued == {"standard_k": "61 [55, 66]", "standard_k_verdict": "**not reproduced**"}
     glued.clear()
     assert scorecard.glue_stored("99_glue", "full", root=tmp_path) is None and glued == {}
+
+
+def test_provenance_commit_is_dirty_for_code_changes_not_for_results_files(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "run.json").write_text("{}\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], cwd=tmp_path, check=True)
+    monkeypatch.setattr(config, "project_root", lambda: tmp_path)
+    clean = scorecard._git_commit()
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "results" / "run.json").write_text('{"a": 1}\n')  # a previous run's output
+    assert scorecard._git_commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert scorecard._git_commit() == clean + "+dirty"

@@ -266,8 +266,9 @@ def _git_commit() -> str | None:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=config.project_root(), capture_output=True, text=True, timeout=10
         )
+        # results/ holds outputs (a previous run's results file), not the code that makes the numbers
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
             cwd=config.project_root(), capture_output=True, text=True, timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
