@@ -13,7 +13,7 @@ profile's code paths at toy sizes and writes ``results/smoke/`` instead of ``res
 
 CPU threads (:func:`apply_thread_policy`, run by ``import marginlab``): OpenMP workers that
 spin-wait for a partner the scheduler gave to another process make the book's small models many
-times slower on a shared CPU, so the package asks OpenMP to wait passively and sizes torch's
+times slower on a shared CPU, so the package asks OpenMP to wait passively (after a short spin) and sizes torch's
 intra-op pool from the CPUs this process may really use. ``MARGINLAB_THREADS=off`` leaves torch
 alone; ``MARGINLAB_THREADS=N`` asks for ``N`` threads.
 """
@@ -35,17 +35,25 @@ _OPENMP_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _COUNT_CHOICES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+#: libgomp's busy-wait before a waiting worker sleeps: long enough to catch the next parallel region of
+#: a small model on an idle machine, far too short to burn a time slice a descheduled partner needs
+#: (measured in benchmarks/bench_threads.py: passive waits alone cost 1.1-1.8x on an idle machine)
+SPIN_COUNT = 1000
+
+
 def openmp_environment(environ: Mapping[str, str], torch_loaded: bool) -> dict[str, str]:
     """The OpenMP variables ``import marginlab`` sets: ``OMP_WAIT_POLICY=PASSIVE``, so that a worker
     waiting at the end of a parallel region sleeps instead of spinning on a core another process
-    needs (libgomp otherwise spins ~300,000 iterations per wait). Nothing when torch is already
+    needs (libgomp otherwise spins ~300,000 iterations per wait), and for libgomp (Linux wheels of
+    torch) ``GOMP_SPINCOUNT`` = :data:`SPIN_COUNT`, a short spin before it sleeps, which an explicit
+    spin count makes libgomp use instead of the passive policy's zero. Nothing when torch is already
     loaded (OpenMP read its environment then), when the user chose a wait policy or spin count,
     or with ``MARGINLAB_THREADS=off``. A pure function of its inputs."""
     if torch_loaded or _threads_setting(environ) == "off":
         return {}
     if any(environ.get(k) for k in _OPENMP_CHOICES):
         return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(SPIN_COUNT)}
 
 
 def _threads_setting(environ: Mapping[str, str]) -> str | int:
