@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from marginlab import config
+from marginlab import config, threads
 
 # Hypothesis profiles. In CI (CI=true, set by .ci/run and by every CI service) the examples are
 # derandomized: the same examples on every run, so a submission's CI cannot fail by the luck of the
@@ -45,9 +45,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """One intra-op thread for the unit tests: their models are tiny, so a second thread only adds
-    synchronisation, which costs many times the work when the 2-core runner is shared."""
+    synchronisation, which costs many times the work when the 2-core runner is shared. Fixed: the
+    balancer would also stand aside inside the block, but tests that compare two runs bit for bit need
+    the count not to move between them (float sums depend on it)."""
+    balancer = threads.balancer()
+    threads.install(None)
     with config.cpu_threads(1):
         yield
+    threads.install(balancer)
 
 
 def prefill_execution_cache(cache_dir: Path, executed: dict[Path, Any]) -> list[Path]:

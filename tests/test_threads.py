@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from marginlab import config
+from marginlab import config, threads
 from marginlab.config import CpuBudget, choose_threads, openmp_environment
 
 
@@ -87,10 +87,11 @@ def test_cpu_budget_is_sane():
 
 @pytest.fixture
 def restore_threads():
-    before, policy = torch.get_num_threads(), config.thread_policy()
+    before, policy, balancer = torch.get_num_threads(), config.thread_policy(), threads.balancer()
     yield
     torch.set_num_threads(before)
     config._POLICY = policy
+    threads.install(balancer)
 
 
 @pytest.mark.parametrize("environ, budget, expected", [
@@ -110,6 +111,120 @@ def test_apply_thread_policy_never_raises_the_count(restore_threads):
     torch.set_num_threads(1)  # the caller's (or torch's default) choice is the ceiling
     assert config.apply_thread_policy({}, CpuBudget(affinity=8, quota=None, load=0.0)).threads == 1
     assert torch.get_num_threads() == 1
+
+
+def test_apply_thread_policy_balances_unless_fixed_or_under_a_quota(restore_threads):
+    torch.set_num_threads(2)
+    policy = config.apply_thread_policy({}, CpuBudget(affinity=2, quota=None, load=0.0))
+    linux = os.path.exists("/proc/stat") and hasattr(os, "sched_getaffinity")
+    assert policy.balanced is linux and (threads.balancer() is not None) is linux
+    for environ, budget in [({"MARGINLAB_THREADS": "fixed"}, CpuBudget(2, None, 0.0)),
+                            ({}, CpuBudget(64, 2.0, 0.0)),        # a quota: the host's CPUs say nothing
+                            ({"MARGINLAB_THREADS": "2"}, None), ({"MARGINLAB_THREADS": "off"}, None)]:
+        policy = config.apply_thread_policy(environ, budget)
+        assert not policy.balanced and threads.balancer() is None, environ
+
+
+# ---- the balancer: other processes' use of this process's CPUs, from /proc/stat ------------------------------
+
+def _stat(path, ticks_per_cpu: dict[int, tuple[int, int]]) -> None:
+    """A /proc/stat with the given (busy, idle) ticks per CPU (busy split over user and system)."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    for c, (busy, idle) in ticks_per_cpu.items():
+        lines.append(f"cpu{c} {busy - busy // 3} 0 {busy // 3} {idle} 7 0 0 0 0 0")
+    path.write_text("\n".join(lines + ["intr 1 2 3", "ctxt 42"]) + "\n")
+
+
+def test_read_busy_seconds(tmp_path):
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    _stat(stat, {0: (300, 1000), 1: (600, 50), 2: (10_000, 0)})
+    assert threads.read_busy_seconds([0, 1], stat) == pytest.approx(900 / hz)  # cpu2 is not ours
+    stat.write_text("cpu0 5 1 2 100 3 4 6 8 99 99\n")  # user nice system idle iowait irq softirq steal guest..
+    assert threads.read_busy_seconds([0], stat) == pytest.approx((5 + 1 + 2 + 4 + 6 + 8) / hz)
+    assert threads.read_busy_seconds([3], stat) is None
+    assert threads.read_busy_seconds([0], tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("others, cpus, ceiling, expected", [
+    (0.0, 2, 2, 2), (0.4, 2, 2, 2), (0.5, 2, 2, 1), (1.0, 2, 2, 1), (7.0, 2, 2, 1),
+    (0.0, 8, 4, 4), (3.0, 8, 8, 5), (0.0, 2, 1, 1),
+])
+def test_threads_beside(others, cpus, ceiling, expected):
+    assert threads.threads_beside(others, cpus, ceiling) == expected
+
+
+@pytest.mark.parametrize("args, match", [((-0.1, 2, 2), "others"), ((float("nan"), 2, 2), "others"),
+                                         ((0.0, 0, 2), "cpus"), ((0.0, 2, 0), "ceiling")])
+def test_threads_beside_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        threads.threads_beside(*args)
+
+
+def test_others_busy():
+    a = threads.CpuSample(wall=10.0, busy=100.0, own=5.0)
+    assert threads.others_busy(a, threads.CpuSample(12.0, 104.0, 7.0)) == pytest.approx(1.0)
+    assert threads.others_busy(a, threads.CpuSample(12.0, 103.0, 8.0)) == 0.0  # tick rounding: never < 0
+    with pytest.raises(ValueError, match="order"):
+        threads.others_busy(a, a)
+
+
+class _Clock:
+    def __init__(self):
+        self.wall, self.own = 100.0, 1.0
+
+    def monotonic(self):
+        return self.wall
+
+    def process_time(self):
+        return self.own
+
+
+def test_balancer_follows_a_busy_neighbour(tmp_path, monkeypatch, restore_threads):
+    hz = os.sysconf("SC_CLK_TCK")
+    clock, stat = _Clock(), tmp_path / "stat"
+    monkeypatch.setattr(threads.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(threads.time, "process_time", clock.process_time)
+    busy = {0: 0, 1: 0}
+
+    def advance(seconds: float, own_cpus: float, other_cpus: float) -> None:
+        """Both CPUs: this process used own_cpus, others other_cpus, for `seconds`."""
+        clock.wall += seconds
+        clock.own += own_cpus * seconds
+        total = round((own_cpus + other_cpus) * seconds * hz)
+        busy[0] += total // 2
+        busy[1] += total - total // 2
+        _stat(stat, {c: (b, 10_000) for c, b in busy.items()})
+
+    _stat(stat, {0: (0, 10_000), 1: (0, 10_000)})
+    torch.set_num_threads(2)
+    b = threads.ThreadBalancer(2, [0, 1], interval=1.0, stat=stat)
+    assert b.active and b.poll() == 2
+    advance(2.0, own_cpus=2.0, other_cpus=0.0)
+    assert b.poll() == 2 and torch.get_num_threads() == 2            # alone: both threads
+    advance(2.0, own_cpus=1.33, other_cpus=0.67)
+    assert b.poll() == 1 and torch.get_num_threads() == 1            # a neighbour took a CPU
+    advance(0.5, own_cpus=1.0, other_cpus=0.0)
+    assert b.poll() == 1 and b.changes == 1                          # too soon to look again
+    advance(2.0, own_cpus=1.0, other_cpus=1.0)
+    assert b.poll() == 1                                             # still there: stay at one
+    advance(2.0, own_cpus=1.0, other_cpus=0.1)
+    assert b.poll() == 2 and torch.get_num_threads() == 2 and b.changes == 2  # gone: both again
+    with config.cpu_threads(1):                                      # someone else's count: stand aside
+        advance(2.0, own_cpus=1.0, other_cpus=0.0)
+        assert b.poll() == 2 and torch.get_num_threads() == 1
+    advance(2.0, own_cpus=1.0, other_cpus=1.0)
+    assert b.poll() == 1 and torch.get_num_threads() == 1           # back in charge after the block
+
+
+def test_balancer_without_proc_stat(tmp_path, restore_threads):
+    b = threads.ThreadBalancer(2, [0, 1], stat=tmp_path / "missing")
+    assert not b.active and b.poll() == 2
+    threads.install(b)
+    assert threads.balancer() is None  # nothing to drive on this platform
+    threads.balance()
+    with pytest.raises(ValueError, match="interval"):
+        threads.ThreadBalancer(2, [0], interval=0.0, stat=tmp_path / "missing")
 
 
 # ---- import marginlab applies it (fresh interpreters) -------------------------------------------------------

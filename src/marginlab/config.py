@@ -13,9 +13,11 @@ profile's code paths at toy sizes and writes ``results/smoke/`` instead of ``res
 
 CPU threads (:func:`apply_thread_policy`, run by ``import marginlab``): OpenMP workers that
 spin-wait for a partner the scheduler gave to another process make the book's small models many
-times slower on a shared CPU, so the package asks OpenMP to wait passively (after a short spin) and sizes torch's
-intra-op pool from the CPUs this process may really use. ``MARGINLAB_THREADS=off`` leaves torch
-alone; ``MARGINLAB_THREADS=N`` asks for ``N`` threads.
+times slower on a shared CPU, so the package asks OpenMP to wait passively (after a short spin), sizes torch's
+intra-op pool from the CPUs this process may really use, and while it runs takes a thread off for
+every CPU another process keeps busy (:mod:`marginlab.threads`). ``MARGINLAB_THREADS=off`` leaves torch
+alone; ``MARGINLAB_THREADS=N`` asks for ``N`` threads; ``MARGINLAB_THREADS=fixed`` keeps the count
+chosen at import (bitwise-repeatable CPU runs: float sums depend on the thread count).
 """
 from __future__ import annotations
 
@@ -62,9 +64,11 @@ def _threads_setting(environ: Mapping[str, str]) -> str | int:
         return "auto"
     if raw in ("off", "torch", "0"):
         return "off"
+    if raw == "fixed":
+        return "fixed"
     if raw.isdigit():
         return int(raw)
-    raise ValueError(f"{THREADS_ENV}={raw!r}: use auto, off, or a number of threads")
+    raise ValueError(f"{THREADS_ENV}={raw!r}: use auto, fixed, off, or a number of threads")
 
 
 # OpenMP reads its environment once, when torch first loads libgomp: set it before importing torch.
@@ -74,6 +78,8 @@ os.environ.update(_OPENMP_SET)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from . import threads  # noqa: E402
 
 PROFILES = ("quick", "standard", "full")
 T = TypeVar("T")
@@ -275,6 +281,7 @@ class ThreadPolicy:
     openmp_set: dict[str, str]  # the variables we set before torch loaded
     budget: CpuBudget | None
     reason: str
+    balanced: bool = False  # whether threads.balance() follows other processes' use of the CPUs
 
 
 _POLICY: ThreadPolicy | None = None
@@ -292,10 +299,14 @@ def apply_thread_policy(environ: Mapping[str, str] | None = None, budget: CpuBud
     ``import marginlab``, so a reader's notebook gets it too). Leaves torch alone with
     ``MARGINLAB_THREADS=off`` or when ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` is set; never raises
     the count above what torch has now (its default is the physical cores, or the caller's choice);
-    ``MARGINLAB_THREADS=N`` sets ``N``. Returns the decision (also kept for :func:`thread_policy`)."""
+    ``MARGINLAB_THREADS=N`` sets ``N``. By default (``auto``) the count then follows the machine: a
+    :class:`~marginlab.threads.ThreadBalancer` takes a thread off for every CPU another process keeps
+    busy, as long as it does; ``MARGINLAB_THREADS=fixed`` keeps the count chosen here.
+    Returns the decision (also kept for :func:`thread_policy`)."""
     global _POLICY
     env = os.environ if environ is None else environ
     setting = _threads_setting(env)
+    threads.install(None)
     passive = bool(_OPENMP_SET) or _is_passive(env)  # we set it, or the user did (read by OpenMP at torch's load)
     if setting == "off":
         _POLICY = ThreadPolicy(None, passive, dict(_OPENMP_SET), None, f"{THREADS_ENV}=off")
@@ -309,7 +320,14 @@ def apply_thread_policy(environ: Mapping[str, str] | None = None, budget: CpuBud
         n = min(torch.get_num_threads(), choose_threads(budget.affinity, budget.quota, budget.load, passive=passive))
         torch.set_num_threads(n)
         why = "passive OpenMP waits" if passive else "spinning OpenMP waits (torch was imported first)"
-        _POLICY = ThreadPolicy(n, passive, dict(_OPENMP_SET), budget, why)
+        # Under a CPU quota the CPUs in the mask are shared with the whole host: their use by others says
+        # nothing about this process's share, so the count stays fixed there.
+        if setting == "auto" and hasattr(os, "sched_getaffinity") and (
+                budget.quota is None or budget.quota >= budget.affinity):
+            threads.install(threads.ThreadBalancer(n, os.sched_getaffinity(0)))
+        balanced = threads.balancer() is not None
+        _POLICY = ThreadPolicy(n, passive, dict(_OPENMP_SET), budget, why + (", balanced" if balanced else ""),
+                               balanced)
     return _POLICY
 
 
@@ -370,6 +388,8 @@ def describe() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "thread_policy": None if _POLICY is None else {k: v for k, v in asdict(_POLICY).items() if k != "budget"},
+        # how often the balancer changed the count during the run (float sums depend on it in the last bits)
+        "thread_changes": None if threads.balancer() is None else threads.balancer().changes,
     }
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config
+from . import config, threads
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SAMPLERS = ("shuffle", "balanced")
@@ -205,6 +205,7 @@ def _eval_batches(model: nn.Module, x: torch.Tensor, batch_size: int | None,
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dev, dtype = _model_device(model, device), _model_dtype(model)
     for i in range(0, x.shape[0], int(batch_size)):
+        threads.balance()
         rows = slice(i, i + int(batch_size))
         yield rows, x[rows].to(dev, dtype=dtype, non_blocking=True)
 
@@ -869,6 +870,7 @@ def _train(model, x, y, y_idx, groups, dev, loss_fn, default_ce, optimizer, lr, 
             correct = torch.zeros((), device=dev, dtype=torch.int64)
             seen, have_logits = 0, True
             for idx in batches:
+                threads.balance()
                 xb, yb = xd[idx], yd[idx]
                 if augment is not None:
                     xa = augment(xb, aug_gen)

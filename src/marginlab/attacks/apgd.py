@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import threads
 from ._validation import (
     Model,
     _bview,
@@ -129,6 +130,7 @@ def _apgd_run(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch
     best_at_check, reduced_last = obj_best.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
     checkpoints, since_check = _checkpoint_steps(n_iter), 0
     for i in range(n_iter):
+        threads.balance()
         momentum = 0.75 if i > 0 else 1.0
         z1 = _project(x_adv + _bview(step, ndim) * direction(grad), xw, ew, norm)
         x_new = _project(x_adv + momentum * (z1 - x_adv) + (1 - momentum) * (x_adv - x_prev), xw, ew, norm)

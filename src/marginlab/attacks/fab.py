@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import threads
 from ._validation import (
     Model,
     _bview,
@@ -113,6 +114,7 @@ def _fab_run(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.
     bx = best.clone()
     flat0 = x0.flatten(1)
     for it in range(n_iter):
+        threads.balance()
         f, g = _boundary(model, x1, yw, tw, norm)
         w = g.flatten(1)
         flat1 = x1.flatten(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import threads
 from ._validation import (
     Model,
     _bview,
@@ -64,6 +65,7 @@ def _pgd_run(
         return pred == tt
 
     for it in range(steps):
+        threads.balance()
         xa = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             z = model(xa)

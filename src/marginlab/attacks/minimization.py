@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import threads
 from ._validation import (
     Model,
     _attack_mode,
@@ -74,6 +75,7 @@ class CarliniWagnerL2(MinimizationAttack):
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             prev = float("inf")
             for it in range(self.steps):
+                threads.balance()
                 wd = (w0 + delta).requires_grad_(True)
                 with torch.enable_grad():
                     xa = (torch.tanh(wd) + 1) / 2
@@ -146,6 +148,7 @@ class DeepFool(MinimizationAttack):
         p_total = torch.zeros_like(x)
         active = z0.argmax(dim=1) == y
         for it in range(self.steps):
+            threads.balance()
             xa = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 z = model(xa)

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .. import threads
 from ._validation import (
     Model,
     _bview,
@@ -111,6 +112,7 @@ def _square_run(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | tor
     idx = torch.arange(n, device=x.device)
     xw, yw, ew = x, y, eps
     for i in range(n_queries):
+        threads.balance()
         if i % _COMPACT_EVERY == 0:  # one host sync every few queries: drop the fooled examples
             active = m_best > 0
             n_active = int(active.sum())
