@@ -280,3 +280,35 @@ def test_opting_out_and_the_users_choice():
     assert _spincount(err) > 300_000  # ACTIVE spins (practically) forever; we did not override it
     out, _ = _probe({"MARGINLAB_THREADS": "1"})
     assert out["threads"] == 1
+
+
+class _CountingBalancer:
+    active = True
+    changes = 0
+
+    def __init__(self):
+        self.polls = 0
+
+    def poll(self) -> int:
+        self.polls += 1
+        return torch.get_num_threads()
+
+
+def test_the_loops_look_once_per_step(restore_threads):
+    """The trainer, the evaluation batches and an attack's steps each call threads.balance()."""
+    from marginlab import attacks, models, train
+
+    counter = _CountingBalancer()
+    threads.install(counter)
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28), torch.arange(64) % 10
+    model = models.MLP((1, 28, 28), hidden=(16,), num_classes=10)
+    train.fit(model, x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.1, progress=False)
+    assert counter.polls >= 2 * 4  # one per batch
+    before = counter.polls
+    train.accuracy(model.eval(), x, y, batch_size=16)
+    assert counter.polls - before >= 4
+    before = counter.polls
+    attacks.pgd(model, x, y, eps=0.1, steps=5, early_stop=False)
+    assert counter.polls - before >= 5
+    assert config.describe()["thread_changes"] == 0

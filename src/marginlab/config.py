@@ -254,8 +254,9 @@ def choose_threads(cpus: int, quota: float | None = None, load: float = 0.0, *, 
     ``min(cpus, floor(quota))``, at least 1.
 
     With passive OpenMP waiting (``passive``, what ``import marginlab`` arranges when it comes before
-    torch) that is all: a worker whose partner is descheduled sleeps, so a busy neighbour costs its
-    share of the CPU and no more. With spinning workers (torch imported first: too late to change how
+    torch) that is all at import: a worker whose partner is descheduled sleeps instead of burning its
+    time slice, and a neighbour that turns up later is handled at run time by the
+    :class:`~marginlab.threads.ThreadBalancer`. With spinning workers (torch imported first: too late to change how
     OpenMP waits), every CPU another process keeps busy — the 1-minute ``load``, rounded — is taken
     off, because a spinning worker whose partner is descheduled burns the time slice the partner needs.
     A pure function of its inputs (see ``benchmarks/bench_threads.py`` for the measurements behind it).
