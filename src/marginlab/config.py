@@ -270,7 +270,7 @@ def choose_threads(cpus: int, quota: float | None = None, load: float = 0.0, *, 
     usable = cpus if quota is None else max(1, min(cpus, math.floor(quota)))
     if passive:
         return usable
-    return max(1, usable - math.floor(load + 0.5))
+    return threads.threads_beside(load, usable, usable)  # the busy CPUs off, at least one
 
 
 @dataclass(frozen=True)
